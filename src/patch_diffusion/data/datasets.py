@@ -1,0 +1,415 @@
+"""Image datasets: folders, zip files and the built-in IDX sets (MNIST, Fashion-MNIST).
+
+Every dataset yields uint8 tensors ``[C, H, W]`` with C in {1, 3} plus an int label
+(-1 when the source has no labels).
+
+Color rules, applied per image before any resizing:
+  * palette ('P') images are expanded to RGB, or RGBA if they carry transparency;
+  * alpha (RGBA, LA) is composited over white rather than dropped, so transparent
+    pixels become white instead of whatever color happens to hide beneath them;
+  * 16-bit grayscale keeps its top 8 bits; other modes (CMYK, YCbCr, ...) go to RGB;
+  * grayscale -> 3 channels repeats the gray value; RGB -> 1 channel uses PIL's 'L'
+    conversion (ITU-R 601-2 luma).
+The channel count is ``channels`` if given, else 1 when the first image is
+grayscale ('1', 'L', 'LA', 'I', ...) and 3 otherwise.
+
+Size rules (``fit``): "none" keeps the images' own (shared) size; "resize" scales to
+the resolution with Lanczos; "center-crop" cuts the largest centered region with the
+target aspect ratio, then resizes; "pad" adds black (0) borders symmetrically.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from patch_diffusion.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+FITS = ("none", "resize", "center-crop", "pad")
+# Folder/zip sets whose decoded size stays under this are decoded once at open time.
+MAX_IN_MEMORY_BYTES = 1 << 30
+
+_IDX_URLS = {
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+}
+_IDX_SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_BUILTIN_NAMES = ", ".join(f"{n}, {n}:test" for n in _IDX_URLS)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images as uint8 ``[C, H, W]`` tensors with int labels; see ``open_dataset``."""
+
+    def __init__(self, *, name: str, labels: torch.Tensor, num_classes: int, resolution: tuple[int, int],
+                 channels: int, images: torch.Tensor | None = None, source: _FileSource | None = None,
+                 fit: str = "none") -> None:
+        self.name = name
+        self.resolution = resolution
+        self.channels = channels
+        self.num_classes = num_classes
+        self._labels = labels
+        self._images = images  # set for in-memory datasets, else decoded lazily from source
+        self._source = source
+        self._fit = fit
+
+    @property
+    def in_memory(self) -> bool:
+        """True when ``get_batch`` is a single tensor index (no decoding)."""
+        return self._images is not None
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._images is not None:
+            return self._images[i], int(self._labels[i])
+        assert self._source is not None
+        return self._source.decode(int(i), self.channels, self.resolution, self._fit), int(self._labels[i])
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        if self._images is not None:
+            return self._images[indices], self._labels[indices]
+        images = [self[int(i)][0] for i in indices]
+        return torch.stack(images), self._labels[indices]
+
+    def __repr__(self) -> str:
+        h, w = self.resolution
+        return f"ImageDataset({self.name!r}, {len(self)} images, {self.channels}x{h}x{w}, {self.num_classes} classes)"
+
+
+class _FileSource:
+    """Image files in a folder or zip. Zip handles are opened lazily per process so the
+    object can be pickled into DataLoader workers."""
+
+    def __init__(self, root: Path, names: list[str], zip_prefix: str | None = None) -> None:
+        self.root = root
+        self.names = names  # relative paths ('/'-separated), without zip_prefix
+        self.zip_prefix = zip_prefix  # None for folders; common top folder inside a zip
+        self._zip: zipfile.ZipFile | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_zip": None, "_pid": -1}
+
+    def where(self, i: int) -> str:
+        return f"{self.root}:{self.names[i]}" if self.zip_prefix is not None else str(self.root / self.names[i])
+
+    def open(self, i: int) -> PIL.Image.Image:
+        try:
+            if self.zip_prefix is None:
+                return PIL.Image.open(self.root / self.names[i])
+            if self._zip is None or self._pid != os.getpid():
+                self._zip, self._pid = zipfile.ZipFile(self.root), os.getpid()
+            return PIL.Image.open(self._zip.open(self.zip_prefix + self.names[i]))
+        except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image '{self.where(i)}' ({_why(e)}); remove or replace it") from None
+
+    def decode(self, i: int, channels: int, resolution: tuple[int, int], fit: str) -> torch.Tensor:
+        with self.open(i) as img:
+            try:
+                img.load()
+                arr = _fit_image(_convert_color(img, channels), resolution, fit, self.where(i))
+            except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+                raise UserError(f"cannot read image '{self.where(i)}' ({_why(e)}; truncated?); remove or replace it") from None
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _why(e: BaseException) -> str:
+    """First line of an exception message, so UserError messages stay one line."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _convert_color(img: PIL.Image.Image, channels: int) -> PIL.Image.Image:
+    """Returns an 'L' (channels=1) or 'RGB' (channels=3) image, following the module rules."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode.startswith("I;16"):
+        img = PIL.Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        img = PIL.Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("LA", "La", "RGBA", "RGBa"):
+        arr = np.asarray(img.convert("LA" if img.mode.startswith("L") else "RGBA")).astype(np.uint32)
+        color, alpha = arr[..., :-1], arr[..., -1:]
+        # Composite over white with rounding: c*a/255 + 255*(1-a/255).
+        out = ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+        img = PIL.Image.fromarray(out[..., 0], "L") if out.shape[-1] == 1 else PIL.Image.fromarray(out, "RGB")
+    elif img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    if channels == 1 and img.mode != "L":
+        return img.convert("L")
+    if channels == 3 and img.mode != "RGB":
+        return img.convert("RGB")  # gray -> RGB repeats the value
+    return img
+
+
+def _crop_box(w: int, h: int, tw: int, th: int) -> tuple[int, int, int, int]:
+    """Largest centered (left, top, right, bottom) box with aspect ratio tw:th."""
+    cw, ch = (w, w * th // tw) if w * th <= h * tw else (h * tw // th, h)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def _fit_image(img: PIL.Image.Image, resolution: tuple[int, int], fit: str, where: str) -> np.ndarray:
+    """Applies ``fit`` to an 'L'/'RGB' image; returns uint8 [H, W, C]."""
+    th, tw = resolution
+    w, h = img.size
+    if (h, w) != (th, tw):
+        if fit == "center-crop":
+            img = img.crop(_crop_box(w, h, tw, th))
+        if fit in ("resize", "center-crop"):
+            img = img.resize((tw, th), PIL.Image.Resampling.LANCZOS)
+    arr = np.array(img)  # a writable copy, so torch.from_numpy is safe
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    if (h, w) != (th, tw) and fit == "pad":
+        if h > th or w > tw:
+            raise UserError(f"image '{where}' is {h}x{w}, larger than --resolution {th}x{tw}; "
+                            "use --fit resize or center-crop, or a larger resolution")
+        top, left = (th - h) // 2, (tw - w) // 2
+        arr = np.pad(arr, ((top, th - h - top), (left, tw - w - left), (0, 0)))
+    if arr.shape[:2] != (th, tw):
+        raise UserError(f"image '{where}' is {h}x{w}, not {th}x{tw}; pass --fit resize, center-crop or pad")
+    return arr
+
+
+def _fit_tensor(images: torch.Tensor, resolution: tuple[int, int], fit: str, name: str) -> torch.Tensor:
+    """Applies ``fit`` to a whole uint8 [N, C, H, W] tensor (used for IDX data)."""
+    th, tw = resolution
+    h, w = images.shape[-2:]
+    if (h, w) == (th, tw):
+        return images
+    if fit == "pad":
+        if h > th or w > tw:
+            raise UserError(f"{name} images are {h}x{w}, larger than --resolution {th}x{tw}; use --fit resize")
+        top, left = (th - h) // 2, (tw - w) // 2
+        return F.pad(images, (left, tw - w - left, top, th - h - top))
+    if fit == "center-crop":
+        left, top, right, bottom = _crop_box(w, h, tw, th)
+        images = images[..., top:bottom, left:right]
+    if fit in ("resize", "center-crop") and images.shape[-2:] != (th, tw):
+        arr = images.numpy()
+        out = np.stack([np.stack([np.asarray(PIL.Image.fromarray(c).resize((tw, th), PIL.Image.Resampling.LANCZOS))
+                                  for c in img]) for img in arr])
+        return torch.from_numpy(out)
+    return images
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parses an (optionally gzip'd) IDX file of unsigned bytes with ``ndim`` dimensions."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read IDX file '{path}' ({_why(e)}); delete it so it is downloaded again") from None
+    # Magic: two zero bytes, type 0x08 (unsigned byte), number of dimensions.
+    if len(data) < 4 + 4 * ndim or data[:4] != bytes([0, 0, 8, ndim]):
+        raise UserError(f"'{path}' is not an IDX file of {ndim}-D unsigned bytes; delete or replace it")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise UserError(f"IDX file '{path}' has {body.size} bytes of data, expected {int(np.prod(dims))} "
+                        "(truncated?); delete it so it is downloaded again")
+    return body.reshape(dims)
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(url: str, dest: Path, ndim: int) -> None:
+    """Downloads to a temp file, checks it parses, then moves it into place atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part.gz")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}", leave=False) as bar:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        _read_idx(Path(tmp), ndim)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/patch-diffusion``, or ``~/.cache/patch-diffusion``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "patch-diffusion"
+
+
+def _load_idx(name: str, split: str, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    stems = _IDX_SPLITS[split]
+    folders = [Path(os.environ["PATCH_DIFFUSION_DATA"]) / name] if os.environ.get("PATCH_DIFFUSION_DATA") else []
+    folders += [cache_dir / name, Path("/usr/share/datasets") / name]
+    for folder in folders:
+        found = [_find_idx_file(folder, s) for s in stems]
+        if all(found):
+            images, labels = _read_idx(found[0], 3), _read_idx(found[1], 1)
+            break
+    else:
+        try:
+            for stem, ndim in zip(stems, (3, 1)):
+                if not (cache_dir / name / f"{stem}.gz").is_file():
+                    _download(_IDX_URLS[name] + f"{stem}.gz", cache_dir / name / f"{stem}.gz", ndim)
+        except (OSError, urllib.error.URLError, UserError) as e:
+            raise UserError(
+                f"{name} not found in {', '.join(map(str, folders))} and download failed ({_why(e)}); put the IDX files "
+                f"({', '.join(stems)}, .gz ok) in {cache_dir / name} or run 'apt-get install dataset-{name}'"
+            ) from None
+        images = _read_idx(cache_dir / name / f"{stems[0]}.gz", 3)
+        labels = _read_idx(cache_dir / name / f"{stems[1]}.gz", 1)
+    if len(images) != len(labels):
+        raise UserError(f"{name}:{split} has {len(images)} images but {len(labels)} labels; replace the IDX files")
+    return images, labels
+
+
+def _list_images(path: Path) -> tuple[list[str], str | None, bytes | None]:
+    """Sorted relative image paths, the zip prefix (None for folders) and dataset.json bytes if present."""
+    if path.is_dir():
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*")
+                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        meta = path / "dataset.json"
+        return sorted(names), None, meta.read_bytes() if meta.is_file() else None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.namelist() if not m.endswith("/")]
+            # A zip of a folder keeps that folder as a common prefix; treat it as the root.
+            tops = {m.split("/", 1)[0] for m in members}
+            prefix = next(iter(tops)) + "/" if len(tops) == 1 and all("/" in m for m in members) else ""
+            names = [m[len(prefix):] for m in members if Path(m).suffix.lower() in IMAGE_SUFFIXES]
+            meta = zf.read(prefix + "dataset.json") if prefix + "dataset.json" in members else None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read zip file '{path}' ({_why(e)}); check that it is a valid zip") from None
+    return sorted(names), prefix, meta
+
+
+def _labels_for(names: list[str], meta: bytes | None, where: str) -> tuple[list[int], int]:
+    """Labels from dataset.json, else from first-level subfolders (if there are at least two), else -1."""
+    if meta is not None:
+        try:
+            table = json.loads(meta).get("labels")
+            table = None if table is None else {str(p).replace("\\", "/"): int(c) for p, c in table}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"bad dataset.json in '{where}' ({_why(e)}); expected {{\"labels\": [[\"path\", int], ...]}}") from None
+        if table is not None:
+            missing = [n for n in names if n not in table]
+            if missing:
+                raise UserError(f"dataset.json in '{where}' has no label for '{missing[0]}'; add it or remove the image")
+            labels = [table[n] for n in names]
+            if min(labels) < 0:
+                raise UserError(f"dataset.json in '{where}' has a negative label; use labels 0..K-1")
+            return labels, max(labels) + 1
+    folders = [n.split("/")[0] for n in names]
+    classes = sorted(set(folders))
+    if any(n.count("/") != 1 for n in names) or len(classes) < 2:
+        return [-1] * len(names), 0
+    index = {c: k for k, c in enumerate(classes)}
+    return [index[f] for f in folders], len(classes)
+
+
+def _open_files(path: Path, resolution: tuple[int, int] | None, fit: str, channels: int | None,
+                max_images: int | None) -> ImageDataset:
+    names, prefix, meta = _list_images(path)
+    if not names:
+        raise UserError(f"no images found in '{path}': put PNG/JPEG/WebP files there "
+                        "or pass a zip or a built-in name like fashion-mnist")
+    labels, num_classes = _labels_for(names, meta, str(path))
+    names, labels = names[:max_images], labels[:max_images]
+    source = _FileSource(path, names, prefix)
+    # Read only headers up front: PIL decodes pixel data lazily.
+    sizes: dict[tuple[int, int], str] = {}
+    for i in range(len(names)):
+        with source.open(i) as img:
+            if i == 0 and channels is None:
+                channels = 1 if img.mode in ("1", "L", "LA", "La", "I", "F") or img.mode.startswith("I;") else 3
+            sizes.setdefault((img.height, img.width), names[i])
+    assert channels is not None
+    if resolution is None:
+        if len(sizes) > 1:
+            (a, b), (c, d) = list(sizes)[:2]
+            raise UserError(f"images have different sizes ({a}x{b} and {c}x{d} in '{path}'); "
+                            "pass --resolution HxW with --fit resize or center-crop")
+        resolution = next(iter(sizes))
+    elif fit == "none" and set(sizes) != {resolution}:
+        (h, w), example = next((s, n) for s, n in sizes.items() if s != resolution)
+        raise UserError(f"image '{example}' is {h}x{w}, not {resolution[0]}x{resolution[1]}; "
+                        "pass --fit resize, center-crop or pad")
+    name = f"{path} ({'zip' if prefix is not None else 'folder'})"
+    images = None
+    if len(names) * resolution[0] * resolution[1] * channels <= MAX_IN_MEMORY_BYTES:
+        images = torch.empty(len(names), channels, *resolution, dtype=torch.uint8)
+        for i in tqdm(range(len(names)), desc=f"decoding {path.name}", disable=len(names) <= 2000, leave=False):
+            images[i] = source.decode(i, channels, resolution, fit)
+    return ImageDataset(name=name, labels=torch.tensor(labels, dtype=torch.int64), num_classes=num_classes,
+                        resolution=resolution, channels=channels, images=images,
+                        source=None if images is not None else source, fit=fit)
+
+
+def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: str = "none",
+                 channels: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 max_images: int | None = None) -> ImageDataset:
+    """Opens a folder, a .zip, or a built-in name (fashion-mnist[:train|:test], mnist[:train|:test])."""
+    if fit not in FITS:
+        raise UserError(f"unknown --fit '{fit}'; use one of {', '.join(FITS)}")
+    if fit != "none" and resolution is None:
+        raise UserError(f"--fit {fit} needs a target size; pass --resolution HxW")
+    if resolution is not None:
+        if len(resolution) != 2 or not all(isinstance(r, (int, np.integer)) and r > 0 for r in resolution):
+            raise UserError(f"bad resolution {resolution!r}; pass two positive integers HxW like 32x32")
+        resolution = (int(resolution[0]), int(resolution[1]))
+    if channels not in (None, 1, 3):
+        raise UserError(f"bad channels {channels!r}; use 1 (grayscale) or 3 (RGB)")
+    if max_images is not None and max_images < 1:
+        raise UserError(f"bad max_images {max_images!r}; pass a positive number or leave it unset")
+
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.is_file() and zipfile.is_zipfile(path)):
+        return _open_files(path, resolution, fit, channels, max_images)
+    if path.exists():
+        raise UserError(f"'{spec}' is neither a folder nor a zip file; pass a folder of images or a .zip")
+    base, _, split = spec.lower().partition(":")
+    if base not in _IDX_URLS or split not in ("", *_IDX_SPLITS):
+        raise UserError(f"no such folder, zip or built-in dataset '{spec}'; built-in names: {_BUILTIN_NAMES} "
+                        "(add :train for the train split explicitly)")
+    split = split or "train"
+    arr, labels = _load_idx(base, split, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    images = torch.from_numpy(arr[:max_images].copy()).unsqueeze(1)
+    if resolution is not None:
+        if fit == "none" and tuple(images.shape[-2:]) != resolution:
+            h, w = images.shape[-2:]
+            raise UserError(f"{base} images are {h}x{w}, not {resolution[0]}x{resolution[1]}; "
+                            "pass --fit pad, resize or center-crop")
+        images = _fit_tensor(images, resolution, fit, base)
+    if channels == 3:
+        images = images.repeat(1, 3, 1, 1)
+    return ImageDataset(name=f"{base}:{split}", labels=torch.from_numpy(labels[:max_images].astype(np.int64)),
+                        num_classes=10, resolution=(images.shape[-2], images.shape[-1]),
+                        channels=images.shape[1], images=images.contiguous())

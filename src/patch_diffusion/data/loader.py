@@ -1,0 +1,121 @@
+"""Infinite, deterministic, resumable batch loading.
+
+The sample order is a stream made of consecutive epochs, each a permutation seeded
+by (seed, epoch). Batch k is the slice [k*B, (k+1)*B) of that stream, so it depends
+only on (seed, k): resuming with ``start_batch=k`` continues exactly where an
+uninterrupted run would be, and batch size stays exact even across epoch ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from patch_diffusion.data.datasets import ImageDataset
+from patch_diffusion.errors import UserError
+
+
+def default_num_workers() -> int:
+    """A worker count that leaves one core to the training process: min(4, cores - 1)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The sample order of one epoch; a pure function of its arguments."""
+    if not shuffle:
+        return torch.arange(n)
+    # SeedSequence mixes (seed, epoch) so that distinct pairs never share a stream.
+    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0]
+    gen = torch.Generator().manual_seed(int(state) & (2**63 - 1))
+    return torch.randperm(n, generator=gen)
+
+
+def batch_index_stream(n: int, batch_size: int, seed: int, start_batch: int = 0,
+                       shuffle: bool = True) -> Iterator[torch.Tensor]:
+    """Yields int64 index tensors of length ``batch_size`` forever, from batch ``start_batch`` on."""
+    epoch, offset = divmod(start_batch * batch_size, n)
+    perm = epoch_permutation(n, seed, epoch, shuffle)
+    while True:
+        parts, need = [], batch_size
+        while need > 0:
+            take = min(need, n - offset)
+            parts.append(perm[offset:offset + take])
+            offset, need = offset + take, need - take
+            if offset == n:
+                epoch, offset = epoch + 1, 0
+                perm = epoch_permutation(n, seed, epoch, shuffle)
+        yield torch.cat(parts)
+
+
+class _BatchSampler(torch.utils.data.Sampler):
+    """Feeds the index stream to a DataLoader; each item is one whole batch of indices."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int, shuffle: bool) -> None:
+        self.args = (n, batch_size, seed, start_batch, shuffle)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return batch_index_stream(*self.args)
+
+
+class _BatchFetcher(torch.utils.data.Dataset):
+    """Lets a DataLoader worker fetch a whole batch with one ``get_batch`` call."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset.get_batch(indices)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class InfiniteBatches:
+    """Yields (images uint8 [B,C,H,W], labels int64 [B]) forever, epoch-shuffled, deterministic given (seed, position).
+
+    Each call to ``iter()`` starts again at ``start_batch``. In-memory datasets with
+    ``num_workers == 0`` are sliced in this process; otherwise a DataLoader with
+    the same batch order does the decoding in worker processes.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int = 0, start_batch: int = 0,
+                 num_workers: int = 0, pin_memory: bool = False, shuffle: bool = True) -> None:
+        if len(dataset) == 0:
+            raise UserError("the dataset is empty; point it at a folder, zip or built-in name with images")
+        if batch_size < 1:
+            raise UserError(f"bad batch size {batch_size}; pass a positive number")
+        if start_batch < 0 or num_workers < 0:
+            raise UserError("start_batch and num_workers must not be negative")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        # Pinning only helps (and only works) with an accelerator present.
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def _make_loader(self) -> torch.utils.data.DataLoader:
+        sampler = _BatchSampler(len(self.dataset), self.batch_size, self.seed, self.start_batch, self.shuffle)
+        workers = self.num_workers > 0
+        return torch.utils.data.DataLoader(
+            _BatchFetcher(self.dataset), batch_size=None, sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=workers, prefetch_factor=2 if workers else None)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.num_workers == 0 and getattr(self.dataset, "in_memory", False):
+            for indices in batch_index_stream(len(self.dataset), self.batch_size, self.seed,
+                                              self.start_batch, self.shuffle):
+                images, labels = self.dataset.get_batch(indices)
+                if self.pin_memory:
+                    images, labels = images.pin_memory(), labels.pin_memory()
+                yield images, labels
+            return
+        # Built once so persistent workers survive repeated iter() calls.
+        if self._loader is None:
+            self._loader = self._make_loader()
+        yield from self._loader
