@@ -1,0 +1,127 @@
+"""Checkpoints: one safetensors file holding tensors plus a JSON header.
+
+A checkpoint stores the EMA and raw weights, the optimiser's moments, the random
+generators' states and the training position as tensors, and the resolved run config
+and counters as JSON in the safetensors metadata. Loading never unpickles anything.
+Files are written to a temporary name, flushed to disk, then renamed: a crash leaves
+either the old file or the complete new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from .errors import UserError
+
+FORMAT = "patch-diffusion-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically save ``tensors`` with ``meta`` (JSON-serialisable) as its header."""
+    header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta)}
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, safetensors_save(flat, metadata=header))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and meta of a checkpoint; a UserError for anything that is not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist; pass a checkpoint-*.safetensors file from a run folder")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise UserError(
+                    f"'{path}' is not a patch-diffusion checkpoint; pass a checkpoint-*.safetensors "
+                    "file written by 'patch-diffusion train'"
+                )
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        meta = json.loads(header["meta"])
+    except UserError:
+        raise
+    except Exception as exc:  # safetensors raises several types for torn or foreign files
+        raise UserError(
+            f"cannot read checkpoint '{path}' ({type(exc).__name__}: it is truncated or not a "
+            "safetensors file); use an earlier checkpoint from the same run folder"
+        ) from None
+    return tensors, meta
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run folder's checkpoints, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*.safetensors")
+             if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (keep = 0 keeps everything)."""
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state_dict into tensors and JSON (no pickling of either)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           info: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in info["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})

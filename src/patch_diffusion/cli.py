@@ -1,0 +1,199 @@
+"""The ``patch-diffusion`` command: option parsing only; the work happens in the modules."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import PRESETS, TrainConfig, get_preset, replace, to_json
+from .errors import UserError
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if text.strip() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated whole numbers like 8,16; got '{text}'") from None
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"{what} takes comma-separated numbers like 0.4,0.6; got '{text}'") from None
+
+
+def _resolution(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        parts = [int(t) for t in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 2:
+        raise UserError(f"--resolution takes a size like 32 or HxW like 32x48; got '{text}'")
+    return (parts[0], parts[-1])
+
+
+def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
+    """Lay the options the user gave (not None) over ``config``."""
+    data = replace(config.data, path=o["data"], resolution=_resolution(o["resolution"]),
+                   fit=o["fit"], max_images=o["max_images"], xflip=o["xflip"], cond=o["cond"],
+                   num_workers=o["workers"])
+    network = replace(config.model.network, model_channels=o["channels"],
+                      channel_mult=_ints(o["channel_mult"], "--channel-mult"),
+                      num_blocks=o["blocks"], attn_resolutions=_ints(o["attn"], "--attn"),
+                      dropout=o["dropout"], label_dropout=o["label_dropout"])
+    patch = replace(config.patch, schedule=o["schedule"], real_p=o["real_p"],
+                    patch_sizes=_ints(o["patch_sizes"], "--patch-sizes"),
+                    probs=_floats(o["patch_probs"], "--patch-probs"))
+    return replace(
+        config, data=data, model=replace(config.model, network=network), patch=patch,
+        loss=replace(config.loss, reduction=o["loss_reduction"]),
+        sampler=replace(config.sampler, num_steps=o["steps"]),
+        batch_size=o["batch"], duration_kimg=o["duration"], max_minutes=o["minutes"], lr=o["lr"],
+        lr_warmup_kimg=o["warmup"], ema_halflife_kimg=o["ema"], seed=o["seed"], device=o["device"],
+        precision=o["precision"], checkpoint_kimg=o["checkpoint_every"],
+        sample_kimg=o["sample_every"], keep_checkpoints=o["keep"],
+    )
+
+
+class _Main(click.Group):
+    """Turns user mistakes into one line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.secho(f"error: {exc}", err=True, fg="red")
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; checkpoints written so far are intact (resume with --resume latest)", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="patch-diffusion")
+def main() -> None:
+    """Patch Diffusion: train diffusion models on random image patches, faster and on less data.
+
+    \b
+    patch-diffusion demo                                   10-minute CPU demo on Fashion-MNIST
+    patch-diffusion train --data DIR_ZIP_OR_NAME --outdir runs
+    patch-diffusion generate --checkpoint CKPT --outdir out --seeds 0-63
+    """
+
+
+@main.command()
+@click.option("--data", help="Image folder, zip of images, or a built-in name: fashion-mnist, fashion-mnist:test, mnist, ...")
+@click.option("--outdir", default="runs", show_default=True, type=click.Path(file_okay=False), help="Where numbered run folders go.")
+@click.option("--preset", default="fmnist-32", show_default=True, help=f"Named starting config: {', '.join(PRESETS)}.")
+@click.option("--resolution", help="Canvas size, 32 or HxW; default: the data's own size.")
+@click.option("--fit", type=click.Choice(["none", "resize", "center-crop", "pad"]), help="How images are brought to --resolution.")
+@click.option("--max-images", type=int, help="Use only the first N images (small-data runs).")
+@click.option("--schedule", type=click.Choice(["stochastic", "progressive", "full"]), help="Patch-size schedule; full = plain EDM on whole images.")
+@click.option("--real-p", type=float, help="Fraction p of steps on full images (paper: 0.5).")
+@click.option("--patch-sizes", help="Patch heights below the full canvas, e.g. 8,16 (default R/4,R/2).")
+@click.option("--patch-probs", help="Share of the non-full steps per patch size (default 2:3 for two sizes).")
+@click.option("--duration", type=float, help="Training length in kimg (thousands of images seen).")
+@click.option("--minutes", type=float, help="Stop after this many minutes (checkpointed; resumable).")
+@click.option("--batch", type=int, help="Base batch size (an R/d patch step uses d times as many images).")
+@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--warmup", type=float, help="Learning-rate warm-up length in kimg.")
+@click.option("--ema", type=float, help="EMA half-life in kimg.")
+@click.option("--dropout", type=float, help="Dropout probability in the network.")
+@click.option("--label-dropout", type=float, help="With --cond: probability of dropping labels (for classifier-free guidance).")
+@click.option("--channels", type=int, help="Network base channel count.")
+@click.option("--channel-mult", help="Channel multipliers per resolution level, e.g. 1,2,2.")
+@click.option("--blocks", type=int, help="Residual blocks per level.")
+@click.option("--attn", help="Resolutions with self-attention, e.g. 16 (none for no attention).")
+@click.option("--loss-reduction", type=click.Choice(["mean", "sum"]), help="Loss per pixel (mean) or per sample summed over pixels as the paper's code (sum).")
+@click.option("--xflip/--no-xflip", default=None, help="Random horizontal flips of the crops.")
+@click.option("--cond/--no-cond", default=None, help="Condition on class labels (from subfolders, dataset.json or the IDX labels).")
+@click.option("--seed", type=int, help="Random seed (weights, data order, patches, noise).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16 runs the network under autocast.")
+@click.option("--checkpoint-every", type=float, help="Checkpoint interval in kimg.")
+@click.option("--sample-every", type=float, help="Sample-grid interval in kimg.")
+@click.option("--keep", type=int, help="Keep the newest N checkpoints (0 = all).")
+@click.option("--steps", type=int, help="Sampler steps for the periodic grids.")
+@click.option("--workers", type=int, help="Data-loading worker processes (default: automatic).")
+@click.option("--resume", help="'latest' (newest checkpoint in --outdir) or a checkpoint path.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+def train(**o: Any) -> None:
+    """Train a diffusion model with Patch Diffusion."""
+    from .runs import latest_checkpoint
+    from .train import checkpoint_config, train as run_training
+
+    outdir = Path(o["outdir"])
+    resume_from, run_dir = None, None
+    if o["resume"] == "latest":
+        resume_from = latest_checkpoint(outdir)
+        if resume_from is None:
+            click.echo(f"no checkpoint in '{outdir}' to resume; starting a new run", err=True)
+        else:
+            run_dir = resume_from.parent  # continue the same run folder
+    elif o["resume"]:
+        resume_from = Path(o["resume"])  # a new run folder starts from this state
+    base = checkpoint_config(resume_from) if resume_from else get_preset(o["preset"])
+    config = apply_train_options(base, o)
+    if o["dry_run"]:
+        click.echo(to_json(config))
+        return
+    run_training(config, outdir, resume_from=resume_from, run_dir=run_dir)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A checkpoint-*.safetensors file.")
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,9; one image each.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per sampling batch.")
+@click.option("--steps", type=click.IntRange(min=1), help="Heun steps (default: the run's, usually 18).")
+@click.option("--churn", "S_churn", type=float, help="Stochasticity S_churn (0 = deterministic ODE).")
+@click.option("--s-min", "S_min", type=float, help="Churn only at sigma >= S_min.")
+@click.option("--s-max", "S_max", type=float, help="Churn only at sigma <= S_max.")
+@click.option("--s-noise", "S_noise", type=float, help="Churn noise inflation S_noise.")
+@click.option("--class", "class_label", type=int, help="Class to generate (conditional models).")
+@click.option("--grid/--no-grid", default=True, show_default=True, help="Also write grid.png.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def generate(checkpoint: str, outdir: str, seeds: str, batch: int, steps: int | None,
+             S_churn: float | None, S_min: float | None, S_max: float | None, S_noise: float | None,
+             class_label: int | None, grid: bool, device: str) -> None:
+    """Generate images from a checkpoint, one PNG per seed."""
+    from .generate import generate_to_folder, parse_seeds
+
+    seed_list = parse_seeds(seeds)
+    changes = dict(num_steps=steps, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    written = generate_to_folder(checkpoint, outdir, seed_list, sampler_changes=changes, batch_size=batch,
+                                 device=device, grid=grid, class_label=class_label)
+    click.echo(f"wrote {len(seed_list)} images to {outdir}" + (f" (grid: {written[-1]})" if grid else ""))
+
+
+@main.command()
+@click.option("--outdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Where the demo run folder goes.")
+@click.option("--minutes", default=10.0, show_default=True, type=float, help="Training time budget.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def demo(outdir: str, minutes: float, device: str) -> None:
+    """Train the fmnist-32 preset (Fashion-MNIST padded to 32x32) for a few minutes and show samples."""
+    from .train import train as run_training
+
+    config = replace(get_preset("fmnist-32"), max_minutes=minutes, device=device)
+    run_dir = run_training(config, Path(outdir))
+    grids = sorted(run_dir.glob("samples-*.png"))
+    click.echo(f"\nrun folder: {run_dir}")
+    if grids:
+        click.echo(f"samples:    {grids[-1]}")
+    click.echo(f"generate more: patch-diffusion generate --checkpoint {sorted(run_dir.glob('checkpoint-*.safetensors'))[-1]} --outdir {run_dir}/generated --seeds 0-63")
+
+
+if __name__ == "__main__":
+    main()

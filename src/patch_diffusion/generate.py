@@ -1,0 +1,167 @@
+"""Seeds -> images: load a checkpoint's EMA denoiser, sample at full resolution, save PNGs.
+
+Image k depends on seed k alone (its own noise stream), not on the batch it was
+drawn in, so the same seed always gives the same image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_bytes, load_checkpoint, unprefixed
+from .config import SamplerConfig, TrainConfig, from_dict, replace
+from .errors import UserError
+from .model import build_denoiser
+from .precond import EDMPrecond
+from .devices import resolve_device
+from .samplers import SeededNoise, heun, karras_sigmas
+
+
+def load_denoiser(path: str | os.PathLike, device: torch.device,
+                  weights: str = "ema") -> tuple[EDMPrecond, TrainConfig]:
+    """The denoiser (EMA weights by default) and the run config stored in a checkpoint."""
+    tensors, meta = load_checkpoint(path)
+    config = from_dict(TrainConfig, meta["config"])
+    net = build_denoiser(config.model)
+    state = unprefixed(weights, tensors)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"checkpoint '{path}' does not match its own config; it may be damaged") from None
+    return net.to(device).eval().requires_grad_(False), config
+
+
+@torch.no_grad()
+def sample(
+    net: EDMPrecond,
+    seeds: list[int],
+    sampler: SamplerConfig,
+    resolution: tuple[int, int],
+    device: torch.device,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generate one image per seed as uint8 [N, C, H, W] with EDM's Heun sampler."""
+    noise = SeededNoise(seeds, device)
+    latents = noise.randn((net.image_channels, *resolution))
+    sigmas = karras_sigmas(sampler.num_steps, sampler.sigma_min, sampler.sigma_max, sampler.rho)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return net(x, sigma, class_labels)
+
+    x = heun(
+        denoise, latents, sigmas, randn_like=noise.randn_like, S_churn=sampler.S_churn,
+        S_min=sampler.S_min, S_max=math.inf if sampler.S_max is None else sampler.S_max,
+        S_noise=sampler.S_noise,
+    )
+    return to_uint8(x)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8, rounding as EDM does."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """uint8 [C, H, W] -> PNG bytes."""
+    array = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    buf = BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Tile uint8 [N, C, H, W] into one uint8 [C, H', W'] image with a white gutter."""
+    n, c, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, col = divmod(k, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[k]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: Path, scale: int = 1) -> Path:
+    """Save a grid PNG, nearest-upscaled by ``scale`` so small images are visible."""
+    grid = make_grid(images)
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    atomic_write_bytes(Path(path), encode_png(grid))
+    return Path(path)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' or '1,5,9' or '0-3,10' -> a list of seeds (ranges inclusive)."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else part.rsplit("-", 1)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise UserError(f"cannot read seeds '{text}'; use a range like 0-63 or a list like 1,5,9")
+    return seeds
+
+
+def generate_to_folder(
+    checkpoint: str | os.PathLike,
+    outdir: str | os.PathLike,
+    seeds: list[int],
+    *,
+    sampler_changes: dict | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    grid: bool = True,
+    class_label: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Write seed{NNNNNN}.png for each seed (and grid.png); returns the written paths.
+
+    ``sampler_changes`` overrides fields of the run's own sampler settings.
+    """
+    dev = resolve_device(device)
+    net, config = load_denoiser(checkpoint, dev)
+    sampler = replace(config.sampler, **(sampler_changes or {}))  # unset (None) options keep the run's
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    labels = None
+    if net.label_dim:
+        if class_label is not None and not 0 <= class_label < net.label_dim:
+            raise UserError(f"--class {class_label} is out of range; this model has classes 0-{net.label_dim - 1}")
+    elif class_label is not None:
+        raise UserError("this model was trained without class labels; drop --class")
+    written: list[Path] = []
+    kept: list[torch.Tensor] = []
+    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+        if net.label_dim:
+            # Per seed: the requested class, or one drawn from the seed (reproducible).
+            idx = torch.tensor([class_label if class_label is not None else
+                                int(np.random.default_rng(s).integers(net.label_dim)) for s in batch])
+            labels = torch.nn.functional.one_hot(idx, net.label_dim).float().to(dev)
+        images = sample(net, batch, sampler, config.model.resolution, dev, labels)
+        for seed, image in zip(batch, images):
+            path = outdir / f"seed{seed:06d}.png"
+            atomic_write_bytes(path, encode_png(image))
+            written.append(path)
+        if grid:
+            kept.append(images)
+    if grid:
+        written.append(save_grid(torch.cat(kept)[:256], outdir / "grid.png",
+                                 scale=max(1, 64 // max(config.model.resolution))))
+    return written
