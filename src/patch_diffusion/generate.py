@@ -29,14 +29,28 @@ def load_denoiser(path: str | os.PathLike, device: torch.device,
                   weights: str = "ema") -> tuple[EDMPrecond, TrainConfig]:
     """The denoiser (EMA weights by default) and the run config stored in a checkpoint."""
     tensors, meta = load_checkpoint(path)
+    if meta.get("backbone", "ddpmpp") != "ddpmpp":
+        raise UserError(f"'{path}' holds a custom backbone ({meta['backbone']}); build that network "
+                        "in Python and load the weights with patch_diffusion.load_weights")
     config = from_dict(TrainConfig, meta["config"])
     net = build_denoiser(config.model)
-    state = unprefixed(weights, tensors)
+    _load_state(net, unprefixed(weights, tensors), path)
+    return net.to(device).eval().requires_grad_(False), config
+
+
+def load_weights(denoiser: EDMPrecond, path: str | os.PathLike, weights: str = "ema") -> EDMPrecond:
+    """Load a checkpoint's weights ('ema' or 'net') into a denoiser you built yourself."""
+    tensors, _ = load_checkpoint(path)
+    _load_state(denoiser, unprefixed(weights, tensors), path)
+    return denoiser
+
+
+def _load_state(net: EDMPrecond, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     try:
         net.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"checkpoint '{path}' does not match its own config; it may be damaged") from None
-    return net.to(device).eval().requires_grad_(False), config
+        raise UserError(f"the weights in '{path}' do not fit this network; build it with the "
+                        "options the run was trained with") from None
 
 
 @torch.no_grad()

@@ -34,7 +34,9 @@ from .errors import UserError
 from .generate import sample, save_grid
 from .loss import edm_loss
 from .model import build_denoiser
+from .networks.ddpmpp import DDPMpp
 from .patches import PatchSchedule, make_patches, steps_for_duration
+from .precond import EDMPrecond
 from .runs import RunLog, new_run_dir
 
 
@@ -76,12 +78,16 @@ def train(
     *,
     resume_from: Path | None = None,
     run_dir: Path | None = None,
+    backbone: torch.nn.Module | None = None,
     progress: bool = True,
 ) -> Path:
     """Train as ``config`` says; returns the run folder.
 
     ``resume_from`` restores a checkpoint's full state. ``run_dir`` continues an existing
     run folder (automatic resume); otherwise a new numbered folder is made in ``outdir``.
+    ``backbone`` replaces the configured DDPM++ with any module called as
+    ``backbone(x, noise_labels, class_labels)`` whose input has image channels + 2
+    coordinate channels and whose output has the image channels.
     """
     device = resolve_device(config.device)
     dataset = open_dataset(config.data.path, resolution=config.data.resolution,
@@ -94,7 +100,12 @@ def train(
     img_per_step = config.batch_size * schedule.expected_multiplier
 
     torch.manual_seed(config.seed)  # initial weights and dropout
-    net = build_denoiser(config.model).to(device).train()
+    if backbone is None:
+        net = build_denoiser(config.model)
+    else:
+        net = EDMPrecond(backbone, config.model.channels, sigma_data=config.model.sigma_data,
+                         label_dim=config.model.network.label_dim)
+    net = net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     patch_gen = torch.Generator().manual_seed(config.seed + 1)  # sizes, offsets, flips
@@ -103,6 +114,9 @@ def train(
 
     if resume_from is not None:
         tensors, meta = load_checkpoint(resume_from)
+        if meta.get("backbone") != _backbone_name(backbone):
+            raise UserError(f"'{resume_from}' was trained with backbone {meta.get('backbone')}; "
+                            "resume it with the same network")
         _restore(tensors, meta, net, ema, optimizer, patch_gen, noise_gen, state, device)
 
     run_dir = Path(run_dir) if run_dir else new_run_dir(Path(outdir), _run_desc(config))
@@ -240,6 +254,7 @@ def _save(run_dir: Path, config: TrainConfig, net, ema, optimizer, patch_gen, no
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"config": to_dict(config), "step": state.step, "data_batches": state.data_batches,
             "kimg": state.step * img_per_step / 1000, "optimizer": opt_info}
+    meta["backbone"] = _backbone_name(net.backbone)
     save_checkpoint(run_dir / checkpoint_name(state.step), tensors, meta)
     prune_checkpoints(run_dir, config.keep_checkpoints)
 
@@ -260,6 +275,13 @@ def _restore(tensors, meta, net, ema, optimizer, patch_gen, noise_gen, state: Tr
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     state.step = int(meta["step"])
     state.data_batches = int(meta["data_batches"])
+
+
+def _backbone_name(backbone: torch.nn.Module | None) -> str:
+    """'ddpmpp' for the built-in network, else the custom module's import path."""
+    if backbone is None or isinstance(backbone, DDPMpp):
+        return "ddpmpp"
+    return f"{type(backbone).__module__}.{type(backbone).__qualname__}"
 
 
 def checkpoint_config(path: Path) -> TrainConfig:
