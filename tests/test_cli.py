@@ -87,6 +87,14 @@ def test_dry_run_prints_resolved_options(tmp_path):
     assert config["lr"] == 0.002 and config["preset"] == "tiny"
 
 
+def test_user_data_does_not_inherit_the_presets_size(tiny_data):
+    preset = json.loads(run("train", "--dry-run", "--preset", "fmnist-32").output)
+    assert preset["data"]["resolution"] == [32, 32] and preset["data"]["fit"] == "pad"
+    mine = json.loads(run("train", "--dry-run", "--preset", "fmnist-32", "--data", tiny_data).output)
+    assert mine["data"]["path"] == str(tiny_data)
+    assert mine["data"]["resolution"] is None and mine["data"]["fit"] == "none"
+
+
 def test_help_explains_every_command():
     for args in ([], ["train"], ["generate"], ["demo"]):
         result = run(*args, "--help")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .config import PRESETS, TrainConfig, get_preset, replace, to_json
+from .config import PRESETS, DataConfig, TrainConfig, get_preset, replace, to_json
 from .errors import UserError
 
 
@@ -46,7 +46,11 @@ def _resolution(text: str | None) -> tuple[int, int] | None:
 
 def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
     """Lay the options the user gave (not None) over ``config``."""
-    data = replace(config.data, path=o["data"], resolution=_resolution(o["resolution"]),
+    data = config.data
+    if o["data"] is not None and o["data"] != data.path:
+        # A preset's size and fit belong to its own data set, not to the user's.
+        data = DataConfig(path=o["data"], xflip=data.xflip, cond=data.cond)
+    data = replace(data, resolution=_resolution(o["resolution"]),
                    fit=o["fit"], max_images=o["max_images"], xflip=o["xflip"], cond=o["cond"],
                    num_workers=o["workers"])
     network = replace(config.model.network, model_channels=o["channels"],
@@ -121,7 +125,7 @@ def main() -> None:
 @click.option("--cond/--no-cond", default=None, help="Condition on class labels (from subfolders, dataset.json or the IDX labels).")
 @click.option("--seed", type=int, help="Random seed (weights, data order, patches, noise).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16 runs the network under autocast.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16: autocast the network (for GPUs; slow on most CPUs).")
 @click.option("--checkpoint-every", type=float, help="Checkpoint interval in kimg.")
 @click.option("--sample-every", type=float, help="Sample-grid interval in kimg.")
 @click.option("--keep", type=int, help="Keep the newest N checkpoints (0 = all).")

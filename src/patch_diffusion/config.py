@@ -84,6 +84,7 @@ def _tiny() -> TrainConfig:
     # Seconds-long smoke runs: a very small net on few images.
     return TrainConfig(
         preset="tiny",
+        data=DataConfig(path="fashion-mnist", resolution=(32, 32), fit="pad", max_images=512),
         model=ModelConfig(network=DDPMppConfig(
             model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=())),
         batch_size=8,
