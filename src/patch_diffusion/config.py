@@ -78,6 +78,9 @@ class TrainConfig:
     log_kimg: float = 1.0
     keep_checkpoints: int = 3  # keep the newest N checkpoints (0 = keep all)
     grid_seeds: int = 64  # samples in each periodic grid
+    fid_every_kimg: float | None = None  # periodic FID during training (needs fid_ref)
+    fid_ref: str | None = None  # reference statistics (.npz from 'patch-diffusion fid ref')
+    fid_num: int = 1000  # generated images per periodic FID
 
 
 def _tiny() -> TrainConfig:

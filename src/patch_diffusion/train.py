@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from .config import TrainConfig, from_dict, to_dict, to_json
 from .data import ImageDataset, InfiniteBatches, default_num_workers, open_dataset
 from .devices import resolve_device
 from .errors import UserError
+from .evaluate import FIDTracker
 from .generate import sample, save_grid
 from .loss import edm_loss
 from .model import build_denoiser
@@ -119,6 +119,12 @@ def train(
                             "resume it with the same network")
         _restore(tensors, meta, net, ema, optimizer, patch_gen, noise_gen, state, device)
 
+    fid = None
+    if config.fid_every_kimg:
+        if not config.fid_ref:
+            raise UserError("--fid-every needs --fid-ref REF.npz (make one with 'patch-diffusion fid ref')")
+        fid = FIDTracker(config.fid_ref, config.fid_num, device, config.model.resolution)
+
     run_dir = Path(run_dir) if run_dir else new_run_dir(Path(outdir), _run_desc(config))
     log = RunLog(run_dir, echo=progress)
     (run_dir / "config.json").write_text(to_json(config) + "\n")
@@ -145,7 +151,8 @@ def train(
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                 if config.precision == "bf16" else contextlib.nullcontext())
     every = {name: max(1, round(kimg * 1000 / img_per_step)) for name, kimg in
-             (("log", config.log_kimg), ("ckpt", config.checkpoint_kimg), ("grid", config.sample_kimg))}
+             (("log", config.log_kimg), ("ckpt", config.checkpoint_kimg), ("grid", config.sample_kimg),
+              ("fid", config.fid_every_kimg or 0.0))}
 
     start_time = time.monotonic()
     window = {"loss": 0.0, "steps": 0, "images": 0, "time": time.monotonic()}
@@ -193,6 +200,13 @@ def train(
                           config.model.resolution, device)
             path = save_grid(grid, run_dir / f"samples-{state.step:08d}.png", scale=_grid_scale(config))
             log.info(f"samples: {path}")
+        if fid is not None and (state.step % every["fid"] == 0 or done):
+            eval_start = time.monotonic()
+            value = fid(ema, config.sampler)
+            log.stats({"step": state.step, "kimg": round(state.step * img_per_step / 1000, 4),
+                       "fid": round(value, 4), "fid_num": config.fid_num})
+            log.info(f"FID ({config.fid_num} images) at {state.step * img_per_step / 1000:.1f} kimg: {value:.2f}")
+            start_time += time.monotonic() - eval_start  # evaluation does not count as training time
         if state.step % every["ckpt"] == 0 or done:
             _save(run_dir, config, net, ema, optimizer, patch_gen, noise_gen, state, img_per_step)
         if over_time:

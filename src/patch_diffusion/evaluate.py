@@ -1,0 +1,151 @@
+"""FID runs: reference statistics of a data set, and scores of images or of a model.
+
+The metric maths lives in ``metrics/``; this module wires it to data sets, image
+folders and checkpoints. Reference statistics are computed once and cached in a file;
+every evaluation reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import SamplerConfig
+from .data import ImageDataset, open_dataset
+from .devices import resolve_device
+from .errors import UserError
+from .generate import sample
+from .metrics import (FeatureStats, InceptionV3, compute_features, dataset_batches,
+                      frechet_distance, kid, load_inception, load_reference, precision_recall,
+                      save_reference, stats_from_features)
+from .precond import EDMPrecond
+
+
+def make_reference(
+    data: str,
+    out: str | os.PathLike,
+    *,
+    num: int | None = None,
+    resolution: tuple[int, int] | None = None,
+    fit: str = "none",
+    keep_features: bool = True,
+    batch_size: int = 64,
+    device: str = "auto",
+    inception: str | None = None,
+    progress: bool = True,
+) -> FeatureStats:
+    """Compute and save the Inception statistics of (the first ``num`` images of) ``data``."""
+    dataset = open_dataset(data, resolution=resolution, fit=fit)
+    dev = resolve_device(device)
+    net = load_inception(inception, dev)
+    total = len(dataset) if num is None else num
+    features = compute_features(dataset_batches(dataset, batch_size, total), net, dev,
+                                total=total, progress=progress)
+    stats = stats_from_features(features, keep_features=keep_features)
+    meta = {"data": data, "num": total, "resolution": list(dataset.resolution),
+            "channels": dataset.channels, "fit": fit}
+    save_reference(out, stats, meta)
+    stats.meta = meta
+    return stats
+
+
+def image_features(
+    dataset: ImageDataset,
+    *,
+    num: int | None = None,
+    batch_size: int = 64,
+    device: torch.device,
+    net: InceptionV3,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features of (the first ``num``) images of an opened folder, zip or built-in data set."""
+    total = len(dataset) if num is None else num
+    return compute_features(dataset_batches(dataset, batch_size, total), net, device,
+                            total=total, progress=progress)
+
+
+def model_features(
+    denoiser: EDMPrecond,
+    resolution: tuple[int, int],
+    seeds: list[int],
+    sampler: SamplerConfig,
+    *,
+    batch_size: int = 64,
+    device: torch.device,
+    net: InceptionV3,
+    progress: bool = True,
+) -> np.ndarray:
+    """Generate one image per seed with ``denoiser`` and return their Inception features."""
+    def batches() -> Iterator[torch.Tensor]:
+        for start in tqdm(range(0, len(seeds), batch_size), desc="generating", unit="batch",
+                          disable=not progress, leave=False):
+            yield sample(denoiser, seeds[start:start + batch_size], sampler, resolution, device)
+
+    return compute_features(batches(), net, device, total=len(seeds), progress=progress)
+
+
+def check_compatible(ref: FeatureStats, resolution: tuple[int, int], ref_path: str | os.PathLike) -> None:
+    """Refuse to compare images of another size than the reference's: the score would
+    measure the resizing, not the model."""
+    expected = ref.meta.get("resolution")
+    if expected is not None and tuple(expected) != tuple(resolution):
+        raise UserError(
+            f"the images are {resolution[0]}x{resolution[1]} but '{ref_path}' was computed on "
+            f"{expected[0]}x{expected[1]} images; compute the reference at the same size "
+            f"(patch-diffusion fid ref --resolution {resolution[0]}x{resolution[1]} --fit ...)"
+        )
+
+
+def score(features: np.ndarray, ref: FeatureStats, *, with_kid: bool = False,
+          with_pr: bool = False, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """FID (and optionally KID and precision/recall) of ``features`` against ``ref``."""
+    stats = stats_from_features(features)
+    result: dict[str, Any] = {"fid": frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma),
+                              "num": len(features), "ref_num": ref.num}
+    if (with_kid or with_pr) and ref.features is None:
+        raise UserError("KID and precision/recall need the reference's raw features; recompute "
+                        "the reference with 'patch-diffusion fid ref' (it keeps them by default)")
+    if with_kid:
+        mean, std = kid(ref.features, features)
+        result.update(kid=mean, kid_std=std)
+    if with_pr:
+        precision, recall = precision_recall(ref.features, features, k=3, device=device)
+        result.update(precision=precision, recall=recall)
+    return result
+
+
+class FIDTracker:
+    """Periodic FID during training: the Inception net and the reference load once."""
+
+    def __init__(self, ref_path: str | os.PathLike, num: int, device: torch.device,
+                 resolution: tuple[int, int], inception: str | None = None) -> None:
+        self.ref = load_reference(ref_path)
+        check_compatible(self.ref, resolution, ref_path)
+        self.num = num
+        self.device = device
+        self.resolution = resolution
+        self.inception_path = inception
+        self._net: InceptionV3 | None = None
+
+    def __call__(self, denoiser: EDMPrecond, sampler: SamplerConfig) -> float:
+        if self._net is None:
+            self._net = load_inception(self.inception_path, self.device)
+        feats = model_features(denoiser, self.resolution, list(range(self.num)), sampler,
+                               device=self.device, net=self._net, progress=False)
+        return score(feats, self.ref)["fid"]
+
+
+def cached_reference(data: str, num: int, resolution: tuple[int, int], fit: str,
+                     cache_dir: Path, device: str = "auto") -> Path:
+    """A reference file for (data, num, size, fit) in ``cache_dir``, computed on first use."""
+    name = f"{data.replace(':', '-').replace('/', '_')}-{num}-{resolution[0]}x{resolution[1]}-{fit}.npz"
+    path = cache_dir / "fid-refs" / name
+    if not path.is_file():
+        make_reference(data, path, num=num, resolution=resolution, fit=fit, device=device)
+    return path
