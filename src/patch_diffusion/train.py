@@ -206,7 +206,9 @@ def train(
             log.stats({"step": state.step, "kimg": round(state.step * img_per_step / 1000, 4),
                        "fid": round(value, 4), "fid_num": config.fid_num})
             log.info(f"FID ({config.fid_num} images) at {state.step * img_per_step / 1000:.1f} kimg: {value:.2f}")
-            start_time += time.monotonic() - eval_start  # evaluation does not count as training time
+            paused = time.monotonic() - eval_start  # evaluation is not training time
+            start_time += paused
+            window["time"] += paused
         if state.step % every["ckpt"] == 0 or done:
             _save(run_dir, config, net, ema, optimizer, patch_gen, noise_gen, state, img_per_step)
         if over_time:
