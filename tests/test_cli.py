@@ -59,6 +59,20 @@ def test_train_generate_reload(tiny_data, tmp_path):
     assert not (again / "grid.png").exists()
 
 
+def test_non_square_grayscale_images_end_to_end(tmp_path):
+    data = write_images(tmp_path / "wide", count=12, size=(16, 24), mode="L")
+    out = tmp_path / "runs"
+    result = run("train", "--data", data, "--outdir", out, "--duration", "0.03", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "4x6 p=0.20, 8x12 p=0.30, 16x24 p=0.50" in result.output
+    ckpt = list_checkpoints(only_run_dir(out))[-1]
+    gen = tmp_path / "gen"
+    assert run("generate", "--checkpoint", ckpt, "--outdir", gen, "--seeds", "0-1", "--steps", "3",
+               "--device", "cpu").exit_code == 0
+    image = Image.open(gen / "seed000001.png")
+    assert image.size == (24, 16) and image.mode == "L"
+
+
 def test_resume_is_bit_identical(tiny_data, tmp_path):
     img_per_step = 8 * 1.9  # tiny preset batch x expected multiplier
     half, full = [f"{(n - 0.5) * img_per_step / 1000:.6f}" for n in (4, 8)]
