@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .config import PRESETS, DataConfig, TrainConfig, get_preset, replace, to_json
+from .config import PRESETS, TrainConfig, get_preset, replace, to_json, with_data
 from .errors import UserError
 
 
@@ -46,11 +46,8 @@ def _resolution(text: str | None) -> tuple[int, int] | None:
 
 def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
     """Lay the options the user gave (not None) over ``config``."""
-    data = config.data
-    if o["data"] is not None and o["data"] != data.path:
-        # A preset's size and fit belong to its own data set, not to the user's.
-        data = DataConfig(path=o["data"], xflip=data.xflip, cond=data.cond)
-    data = replace(data, resolution=_resolution(o["resolution"]),
+    config = with_data(config, o["data"])
+    data = replace(config.data, resolution=_resolution(o["resolution"]),
                    fit=o["fit"], max_images=o["max_images"], xflip=o["xflip"], cond=o["cond"],
                    num_workers=o["workers"])
     network = replace(config.model.network, model_channels=o["channels"],
@@ -110,7 +107,7 @@ def main() -> None:
 @click.option("--patch-sizes", help="Patch heights below the full canvas, e.g. 8,16 (default R/4,R/2).")
 @click.option("--patch-probs", help="Share of the non-full steps per patch size (default 2:3 for two sizes).")
 @click.option("--duration", type=float, help="Training length in kimg (thousands of images seen).")
-@click.option("--minutes", type=float, help="Stop after this many minutes (checkpointed; resumable).")
+@click.option("--minutes", type=float, help="Stop after this many minutes of training steps (checkpointed; resumable).")
 @click.option("--batch", type=int, help="Base batch size (an R/d patch step uses d times as many images).")
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--warmup", type=float, help="Learning-rate warm-up length in kimg.")
@@ -308,6 +305,44 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
     if with_pr:
         line += f"  precision {result['precision']:.3f}  recall {result['recall']:.3f}"
     click.echo(line)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks of the paper's claims on this machine (see BENCHMARKS.md)."""
+
+
+@bench.command("time-to-fid")
+@click.option("--data", default="fashion-mnist", show_default=True, help="Training data: folder, zip or built-in name.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder (results.json, report.md, fid_vs_time.png).")
+@click.option("--minutes", default=12.0, show_default=True, type=float, help="Training minutes per arm (evaluation time excluded).")
+@click.option("--points", default=3, show_default=True, type=click.IntRange(min=1), help="FID evaluations per arm, evenly spaced in training time.")
+@click.option("--fid-num", default=1000, show_default=True, type=click.IntRange(min=2), help="Generated images per FID.")
+@click.option("--arms", default="full,patch,progressive", show_default=True, help="Comma-separated arms: full, patch, progressive ('' for none).")
+@click.option("--p", "p_values", help="Extra stochastic arms, one per full-image ratio, e.g. 0.25,0.75.")
+@click.option("--subset", type=click.IntRange(min=1), help="Train on the first N images only (the small-data claim).")
+@click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and optimiser recipe: {', '.join(PRESETS)}.")
+@click.option("--ref-data", help="Reference images (default: the test split of a built-in set, else --data).")
+@click.option("--ref-num", type=click.IntRange(min=2), help="Reference images to use (default: all; cached).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted benchmark in --out.")
+def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num: int, arms: str,
+                      p_values: str | None, subset: int | None, preset: str, ref_data: str | None,
+                      ref_num: int | None, seed: int, device: str, resume: bool) -> None:
+    """Train each arm for the same time, one after another, and compare FID over time."""
+    from .bench import BenchConfig, run_time_to_fid
+
+    for p in _floats(p_values, "--p") or ():
+        if not 0 <= p <= 1:
+            raise UserError(f"--p values must lie in [0, 1], got {p}")
+    config = BenchConfig(
+        data=data, minutes=minutes, points=points, fid_num=fid_num,
+        arms=tuple(a.strip() for a in arms.split(",") if a.strip()), p_values=_floats(p_values, "--p") or (),
+        subset=subset, preset=preset, ref_data=ref_data, ref_num=ref_num, seed=seed, device=device)
+    get_preset(preset)  # an unknown preset fails before any work
+    run_time_to_fid(config, Path(out), resume=resume)
+    click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_time.png'}")
 
 
 if __name__ == "__main__":

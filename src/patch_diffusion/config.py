@@ -64,7 +64,7 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     batch_size: int = 64  # base batch; a step on R/d crops takes d times as many images
     duration_kimg: float = 1000.0  # training length in thousands of images seen
-    max_minutes: float | None = None  # optional wall-clock cap; stops with a checkpoint
+    max_minutes: float | None = None  # cap on time in training steps (grids, FID excluded)
     lr: float = 2e-4
     lr_warmup_kimg: float = 10.0
     ema_halflife_kimg: float = 500.0
@@ -151,6 +151,15 @@ def get_preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def with_data(config: TrainConfig, path: str | None) -> TrainConfig:
+    """Point ``config`` at another data set. A preset's size and fit belong to its own
+    data set, so they are dropped when the path changes; the recipe's flags stay."""
+    if path is None or path == config.data.path:
+        return config
+    return dataclasses.replace(config, data=DataConfig(path=path, xflip=config.data.xflip,
+                                                       cond=config.data.cond))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class TrainState:
 
     step: int = 0
     data_batches: int = 0  # loader batches consumed (the data position)
+    train_seconds: float = 0.0  # time spent in training steps (not grids, FID or checkpoints)
 
 
 def resolve_config(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
@@ -79,6 +80,7 @@ def train(
     resume_from: Path | None = None,
     run_dir: Path | None = None,
     backbone: torch.nn.Module | None = None,
+    stop_after_minutes: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Train as ``config`` says; returns the run folder.
@@ -88,6 +90,10 @@ def train(
     ``backbone`` replaces the configured DDPM++ with any module called as
     ``backbone(x, noise_labels, class_labels)`` whose input has image channels + 2
     coordinate channels and whose output has the image channels.
+
+    Time limits count training steps only: ``config.max_minutes`` ends the run (and,
+    when it comes before ``duration_kimg``, paces the progressive schedule), while
+    ``stop_after_minutes`` pauses it with a checkpoint, to be resumed later.
     """
     device = resolve_device(config.device)
     dataset = open_dataset(config.data.path, resolution=config.data.resolution,
@@ -154,13 +160,18 @@ def train(
              (("log", config.log_kimg), ("ckpt", config.checkpoint_kimg), ("grid", config.sample_kimg),
               ("fid", config.fid_every_kimg or 0.0))}
 
-    start_time = time.monotonic()
-    window = {"loss": 0.0, "steps": 0, "images": 0, "time": time.monotonic()}
+    limit = config.max_minutes * 60 if config.max_minutes is not None else None
+    pause = stop_after_minutes * 60 if stop_after_minutes is not None else None
+    window = {"loss": 0.0, "steps": 0, "images": 0, "busy": 0.0}
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not progress, dynamic_ncols=True)
     stopped_early = False
     while state.step < total_steps:
-        divisor = schedule.draw(state.step / total_steps, patch_gen)
+        step_start = time.monotonic()
+        fraction = state.step / total_steps
+        if limit:  # a time budget paces the schedule when it ends training first
+            fraction = max(fraction, state.train_seconds / limit)
+        divisor = schedule.draw(fraction, patch_gen)
         images, labels = _next_images(loader, divisor, state)
         images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
         if config.data.xflip:  # flip the image, keep the coordinates (paper, Sec. 3)
@@ -186,12 +197,15 @@ def train(
         optimizer.step()
         state.step += 1
         _update_ema(ema, net, config, state.step * img_per_step, img_per_step)
+        step_seconds = time.monotonic() - step_start
+        state.train_seconds += step_seconds
 
+        window["busy"] += step_seconds
         window["loss"] += loss.detach()
         window["steps"] += 1
         window["images"] += batch.images.shape[0]
         bar.update(1)
-        over_time = config.max_minutes is not None and time.monotonic() - start_time > config.max_minutes * 60
+        over_time = any(t is not None and state.train_seconds >= t for t in (limit, pause))
         done = state.step == total_steps or over_time
         if state.step % every["log"] == 0 or done:
             _log_stats(log, bar, window, state, img_per_step, lr)
@@ -201,19 +215,15 @@ def train(
             path = save_grid(grid, run_dir / f"samples-{state.step:08d}.png", scale=_grid_scale(config))
             log.info(f"samples: {path}")
         if fid is not None and (state.step % every["fid"] == 0 or done):
-            eval_start = time.monotonic()
             value = fid(ema, config.sampler)
             log.stats({"step": state.step, "kimg": round(state.step * img_per_step / 1000, 4),
                        "fid": round(value, 4), "fid_num": config.fid_num})
             log.info(f"FID ({config.fid_num} images) at {state.step * img_per_step / 1000:.1f} kimg: {value:.2f}")
-            paused = time.monotonic() - eval_start  # evaluation is not training time
-            start_time += paused
-            window["time"] += paused
         if state.step % every["ckpt"] == 0 or done:
             _save(run_dir, config, net, ema, optimizer, patch_gen, noise_gen, state, img_per_step)
         if over_time:
-            log.info(f"stopping at the {config.max_minutes:g}-minute limit (step {state.step}); "
-                     "resume with --resume latest")
+            log.info(f"stopping after {state.train_seconds / 60:.2f} minutes of training (step "
+                     f"{state.step}); resume with --resume latest")
             stopped_early = True
             break
     bar.close()
@@ -244,8 +254,7 @@ def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, config: TrainConfig,
 
 def _log_stats(log: RunLog, bar, window: dict, state: TrainState, img_per_step: float,
                lr: float) -> None:
-    now = time.monotonic()
-    elapsed = max(now - window["time"], 1e-9)
+    elapsed = max(window["busy"], 1e-9)
     stats = {
         "step": state.step,
         "kimg": round(state.step * img_per_step / 1000, 4),
@@ -256,7 +265,7 @@ def _log_stats(log: RunLog, bar, window: dict, state: TrainState, img_per_step: 
     }
     log.stats(stats)
     bar.set_postfix(loss=f"{stats['loss']:.4f}", kimg=f"{stats['kimg']:.1f}")
-    window.update(loss=0.0, steps=0, images=0, time=now)
+    window.update(loss=0.0, steps=0, images=0, busy=0.0)
 
 
 def _save(run_dir: Path, config: TrainConfig, net, ema, optimizer, patch_gen, noise_gen,
@@ -269,6 +278,7 @@ def _save(run_dir: Path, config: TrainConfig, net, ema, optimizer, patch_gen, no
     if torch.cuda.is_available() and next(net.parameters()).is_cuda:
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"config": to_dict(config), "step": state.step, "data_batches": state.data_batches,
+            "train_seconds": state.train_seconds,
             "kimg": state.step * img_per_step / 1000, "optimizer": opt_info}
     meta["backbone"] = _backbone_name(net.backbone)
     save_checkpoint(run_dir / checkpoint_name(state.step), tensors, meta)
@@ -291,6 +301,7 @@ def _restore(tensors, meta, net, ema, optimizer, patch_gen, noise_gen, state: Tr
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     state.step = int(meta["step"])
     state.data_batches = int(meta["data_batches"])
+    state.train_seconds = float(meta.get("train_seconds", 0.0))
 
 
 def _backbone_name(backbone: torch.nn.Module | None) -> str:

@@ -1,0 +1,81 @@
+"""The time-to-FID report: a table, time-to-reach ratios against the full-image arm, a plot."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_bytes
+
+
+def time_to_reach(points: list[dict[str, Any]], level: float) -> float | None:
+    """Training minutes at which an arm's FID first falls to ``level``, interpolating
+    linearly between evaluation points; None if it never does."""
+    previous = None
+    for point in points:
+        if point["fid"] <= level:
+            if previous is None or previous["fid"] == point["fid"]:
+                return point["minutes"]
+            frac = (previous["fid"] - level) / (previous["fid"] - point["fid"])
+            return previous["minutes"] + frac * (point["minutes"] - previous["minutes"])
+        previous = point
+    return None
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    arms = results["arms"]
+    bench = results["bench"]
+    lines = [
+        "# Time-to-FID",
+        "",
+        f"Data `{bench['data']}`" + (f" (first {bench['subset']} images)" if bench.get("subset") else "")
+        + f", preset `{bench['preset']}`, {bench['minutes']:g} training minutes per arm, seed {bench['seed']}; "
+        f"FID of {bench['fid_num']} generated images against {results['ref']['num']} images of "
+        f"`{results['ref']['data']}`.",
+        "",
+        "| arm | " + " | ".join(f"point {i + 1}" for i in range(bench["points"])) + " | img/s |",
+        "| --- | " + " | ".join("---" for _ in range(bench["points"])) + " | --- |",
+    ]
+    for name, record in arms.items():
+        cells = [f"{p['fid']:.2f} @ {p['minutes']:.1f} min, {p['kimg']:.0f} kimg" for p in record["points"]]
+        cells += ["" for _ in range(bench["points"] - len(cells))]
+        rate = record["points"][-1]["img_per_s"] if record["points"] else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rate} |")
+    full = arms.get("full", {}).get("points", [])
+    if full:
+        lines += ["", "Training time to reach the full-image arm's FID at each of its points, "
+                  "relative to the full arm (below 1 = faster; linear interpolation between points):", "",
+                  "| FID level | " + " | ".join(arms) + " |", "| --- | " + " | ".join("---" for _ in arms) + " |"]
+        for point in full:
+            level = point["fid"]
+            reference = time_to_reach(full, level)
+            cells = []
+            for record in arms.values():
+                t = time_to_reach(record["points"], level)
+                cells.append("not reached" if t is None else f"{t / reference:.2f}x ({t:.1f} min)")
+            lines.append(f"| {level:.2f} | " + " | ".join(cells) + " |")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    """FID against training minutes, one line per arm (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, record in results["arms"].items():
+        points = record["points"]
+        ax.plot([p["minutes"] for p in points], [p["fid"] for p in points], marker="o", label=name)
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel(f"FID ({results['bench']['fid_num']} samples)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

