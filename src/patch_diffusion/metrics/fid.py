@@ -1,6 +1,7 @@
 """Inception feature statistics and the metrics built on them: FID, KID, precision/recall.
 
-FID follows EDM's fid.py (float64 statistics, unbiased covariance, scipy's sqrtm); KID
+FID follows EDM's fid.py (float64 statistics, unbiased covariance; the matrix square
+root's trace via symmetric eigendecompositions, equal to its sqrtm); KID
 is StyleGAN's estimator (unbiased MMD^2 with the cubic polynomial kernel over random
 subsets); precision/recall is Kynkäänniemi et al. 2019 (k-NN balls around each sample,
 k = 3). Reference statistics are ``.npz`` files read without unpickling; EDM's own
@@ -12,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -94,8 +94,7 @@ def stats_from_features(features: np.ndarray, *, keep_features: bool = False) ->
     return FeatureStats(mu=mu, sigma=sigma, num=len(x), features=kept)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -103,31 +102,23 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = _sqrtm_product(sigma1, sigma2, eps)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(sigma1, sigma2))
 
 
-def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.ndarray:
-    """Real part of sqrtm(sigma1 @ sigma2), retried with eps on the diagonals when the
-    product is too singular (non-finite result, or a sizeable imaginary part)."""
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((sigma1 sigma2)^(1/2)) through symmetric eigendecompositions.
 
-    def sqrtm(a: np.ndarray) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy's singular-matrix notes; judged below instead
-            return np.asarray(scipy.linalg.sqrtm(a))
-
-    def bad(s: np.ndarray) -> bool:
-        return not np.isfinite(s).all() or (np.iscomplexobj(s) and np.abs(np.diagonal(s).imag).max() > 1e-3)
-
-    covmean = sqrtm(sigma1 @ sigma2)
-    if bad(covmean):
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
-        if bad(covmean):
-            warnings.warn("FID: the covariance product has no accurate real square root even with an eps "
-                          "offset; the result is unreliable (too few images for the feature dimension?)",
-                          stacklevel=3)
-    return np.real(covmean)
+    With R = sigma1^(1/2), sigma1 sigma2 is similar to R sigma2 R, which is symmetric
+    positive semi-definite, so the trace is the sum of the square roots of its (real)
+    eigenvalues. This equals the real part of scipy.linalg.sqrtm(sigma1 @ sigma2) (to
+    ~1e-8 relative on full-rank statistics, tested) at a fraction of the cost at 2048-d,
+    and needs no eps retry for the singular covariances of small image sets.
+    """
+    w, v = scipy.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root @ sigma2 @ root
+    eigenvalues = scipy.linalg.eigvalsh((inner + inner.T) / 2)  # symmetrise rounding
+    return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
 
 
 def kid(feat1: np.ndarray, feat2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
