@@ -49,3 +49,18 @@ def test_time_to_fid_smoke_and_resume(tiny_data, tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["arms"] == results["arms"]
     bad = run(*args, "--arms", "nope")
     assert bad.exit_code == 2 and "unknown arm" in bad.output
+
+
+def test_throughput_smoke(tiny_data):
+    result = run("bench", "throughput", "--data", tiny_data, "--preset", "tiny", "--steps", "2",
+                 "--warmup", "0", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [r["patch"] for r in data["rows"]] == ["4x4", "8x8", "16x16"]
+    assert [r["images"] for r in data["rows"]] == [32, 16, 8]  # batch x divisor
+    for r in data["rows"]:
+        assert r["data_share"] + r["patches_share"] + r["step_share"] == pytest.approx(1.0)
+        assert r["img_per_s"] == pytest.approx(r["images"] / r["sec_per_step"])
+    table = run("bench", "throughput", "--data", tiny_data, "--preset", "tiny", "--steps", "1",
+                "--warmup", "0", "--device", "cpu")
+    assert "schedule vs full images" in table.output

@@ -345,5 +345,25 @@ def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num:
     click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_time.png'}")
 
 
+@bench.command("throughput")
+@click.option("--data", default="fashion-mnist", show_default=True, help="Training data: folder, zip or built-in name.")
+@click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and batch: {', '.join(PRESETS)}.")
+@click.option("--batch", type=click.IntRange(min=1), help="Base batch size (default: the preset's).")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timed steps per patch size.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_throughput(data: str, preset: str, batch: int | None, steps: int, warmup: int, device: str,
+                     as_json: bool) -> None:
+    """Training img/s and kpixel/s per patch size and for the schedule; where step time goes."""
+    import json
+
+    from .bench import format_table, run_throughput
+
+    config = replace(with_data(get_preset(preset), data), batch_size=batch, device=device)
+    result = run_throughput(config, steps=steps, warmup=warmup)
+    click.echo(json.dumps(result) if as_json else format_table(result))
+
+
 if __name__ == "__main__":
     main()

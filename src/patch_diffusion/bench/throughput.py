@@ -1,0 +1,104 @@
+"""Training throughput per patch size, and where a step's time goes.
+
+For each patch size of the schedule (and full images) it times real training steps,
+phase by phase: data (the step's d loader batches, to the device), patches (crops and
+coordinate channels) and the optimisation step (loss, backward, Adam, EMA). The
+schedule's row weights each size by its probability, as training does.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig, replace
+from ..data import InfiniteBatches, open_dataset
+from ..devices import resolve_device
+from ..loss import edm_loss
+from ..model import build_denoiser
+from ..patches import PatchConfig, PatchSchedule, make_patches
+from ..train import TrainState, _next_images, _update_ema, resolve_config
+
+PHASES = ("data", "patches", "step")
+
+
+def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Median phase times per patch size for ``config``'s network, batch and data."""
+    device = resolve_device(config.device)
+    dataset = open_dataset(config.data.path, resolution=config.data.resolution, fit=config.data.fit,
+                           channels=config.data.channels, max_images=config.data.max_images)
+    if config.patch.schedule == "full":  # still show what patches would cost
+        config = replace(config, patch=PatchConfig())
+    config = resolve_config(config, dataset)
+    schedule = PatchSchedule(config.patch, config.model.resolution)
+    torch.manual_seed(config.seed)
+    net = build_denoiser(config.model).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed, num_workers=0))
+    gen = torch.Generator().manual_seed(config.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed)
+    state = TrainState()
+
+    def sync() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    rows = []
+    for divisor, prob in zip(schedule.divisors, schedule.probs):
+        times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+        for i in range(warmup + steps):
+            t0 = sync()
+            images, _ = _next_images(loader, divisor, state)
+            images = images.to(device).to(torch.float32) / 127.5 - 1
+            t1 = sync()
+            batch = make_patches(images, None, divisor, gen)
+            t2 = sync()
+            optimizer.zero_grad(set_to_none=True)
+            edm_loss(net, batch.images, batch.pos, None, config.loss, noise_gen).backward()
+            optimizer.step()
+            _update_ema(ema, net, config, 1e6, 1.0)
+            t3 = sync()
+            if i >= warmup:
+                for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[phase].append(seconds)
+        medians = {phase: statistics.median(values) for phase, values in times.items()}
+        total = sum(medians.values())
+        h, w = schedule.patch_shape(divisor)
+        count = config.batch_size * divisor
+        rows.append({"patch": f"{h}x{w}", "divisor": divisor, "prob": prob, "images": count,
+                     "pixels": count * h * w,
+                     "sec_per_step": total, "img_per_s": count / total,
+                     "kpix_per_s": count * h * w / total / 1000,
+                     **{f"{phase}_share": medians[phase] / total for phase in PHASES}})
+    mean_time = sum(r["prob"] * r["sec_per_step"] for r in rows)
+    mean_images = sum(r["prob"] * r["images"] for r in rows)
+    shares = {f"{phase}_share": sum(r["prob"] * r[f"{phase}_share"] * r["sec_per_step"] for r in rows) / mean_time
+              for phase in PHASES}
+    full = rows[-1]
+    summary = {"sec_per_step": mean_time, "img_per_s": mean_images / mean_time,
+               "kpix_per_s": sum(r["prob"] * r["pixels"] for r in rows) / mean_time / 1000,
+               "speedup_img_per_s_vs_full": (mean_images / mean_time) / full["img_per_s"], **shares}
+    return {"device": str(device), "batch": config.batch_size, "steps": steps, "rows": rows,
+            "schedule": summary}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"device {result['device']}, base batch {result['batch']}, median of {result['steps']} steps",
+             f"{'patch':>9} {'p':>5} {'images':>6} {'s/step':>8} {'img/s':>8} {'kpix/s':>8} "
+             f"{'data':>6} {'patches':>7} {'step':>6}"]
+    for r in result["rows"]:
+        lines.append(f"{r['patch']:>9} {r['prob']:>5.2f} {r['images']:>6} {r['sec_per_step']:>8.4f} "
+                     f"{r['img_per_s']:>8.1f} {r['kpix_per_s']:>8.1f} {r['data_share']:>6.1%} "
+                     f"{r['patches_share']:>7.1%} {r['step_share']:>6.1%}")
+    s = result["schedule"]
+    lines.append(f"{'schedule':>9} {'':>5} {'':>6} {s['sec_per_step']:>8.4f} {s['img_per_s']:>8.1f} "
+                 f"{s['kpix_per_s']:>8.1f} {s['data_share']:>6.1%} {s['patches_share']:>7.1%} "
+                 f"{s['step_share']:>6.1%}")
+    lines.append(f"schedule vs full images: {s['speedup_img_per_s_vs_full']:.2f}x images/s")
+    return "\n".join(lines)
