@@ -1,7 +1,6 @@
 """FID on real data, the `fid` commands, periodic FID in training and the demo's FID."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
