@@ -53,7 +53,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             cells = []
             for record in arms.values():
                 t = time_to_reach(record["points"], level)
-                cells.append("not reached" if t is None else f"{t / reference:.2f}x ({t:.1f} min)")
+                # Below the level already at the first point: it got there sooner, by how much is unknown.
+                early = t is not None and record["points"][0]["fid"] < level and t == record["points"][0]["minutes"]
+                cells.append("not reached" if t is None else
+                             f"{'≤ ' if early else ''}{t / reference:.2f}x ({t:.1f} min)")
             lines.append(f"| {level:.2f} | " + " | ".join(cells) + " |")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
