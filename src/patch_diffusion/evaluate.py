@@ -43,10 +43,9 @@ def make_reference(
     """Compute and save the Inception statistics of (the first ``num`` images of) ``data``."""
     dataset = open_dataset(data, resolution=resolution, fit=fit)
     dev = resolve_device(device)
-    net = load_inception(inception, dev)
     total = len(dataset) if num is None else num
-    features = compute_features(dataset_batches(dataset, batch_size, total), net, dev,
-                                total=total, progress=progress)
+    features = image_features(dataset, num=total, batch_size=batch_size, device=dev,
+                              net=load_inception(inception, dev), progress=progress)
     stats = stats_from_features(features, keep_features=keep_features)
     meta = {"data": data, "num": total, "resolution": list(dataset.resolution),
             "channels": dataset.channels, "fit": fit}
