@@ -16,6 +16,7 @@ def test_round_trip(tmp_path):
     assert meta == {"step": 1, "config": {"x": [1, 2]}}
     assert set(loaded) == {"a.w", "b"}
     assert torch.equal(loaded["a.w"], tensors["a.w"]) and torch.equal(loaded["b"], tensors["b"])
+    assert ck.load_checkpoint(path, with_tensors=False) == ({}, meta)  # header only
 
 
 def test_truncated_and_foreign_files_are_refused(tmp_path):

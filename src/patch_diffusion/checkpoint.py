@@ -54,8 +54,13 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     atomic_write_bytes(path, safetensors_save(flat, metadata=header))
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and meta of a checkpoint; a UserError for anything that is not one of ours."""
+def load_checkpoint(path: str | os.PathLike, *, with_tensors: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and meta of a checkpoint; a UserError for anything that is not one of ours.
+
+    ``with_tensors=False`` reads only the JSON header (config, counters), leaving the
+    tensors dict empty: what callers that need the config alone should use.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist; pass a checkpoint-*.safetensors file from a run folder")
@@ -67,7 +72,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                     f"'{path}' is not a patch-diffusion checkpoint; pass a checkpoint-*.safetensors "
                     "file written by 'patch-diffusion train'"
                 )
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}
         meta = json.loads(header["meta"])
     except UserError:
         raise

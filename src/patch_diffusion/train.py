@@ -313,7 +313,7 @@ def _backbone_name(backbone: torch.nn.Module | None) -> str:
 
 def checkpoint_config(path: Path) -> TrainConfig:
     """The run config stored in a checkpoint."""
-    return from_dict(TrainConfig, load_checkpoint(path)[1]["config"])
+    return from_dict(TrainConfig, load_checkpoint(path, with_tensors=False)[1]["config"])
 
 
 def _run_desc(config: TrainConfig) -> str:

@@ -138,7 +138,7 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
 def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torch.device,
               progress: bool) -> dict[str, Any]:
     denoiser, config = load_denoiser(checkpoint, device)
-    meta = load_checkpoint(checkpoint)[1]
+    meta = load_checkpoint(checkpoint, with_tensors=False)[1]
     features = model_features(denoiser, config.model.resolution, list(range(bench.fid_num)),
                               config.sampler, device=device, net=inception, progress=progress)
     seconds = float(meta["train_seconds"])
