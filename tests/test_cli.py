@@ -97,8 +97,33 @@ def test_dry_run_prints_resolved_options(tmp_path):
                  "--schedule", "progressive", "--patch-sizes", "4,8", "--lr", "0.002")
     assert result.exit_code == 0, result.output
     config = json.loads(result.output)
-    assert config["patch"] == {"schedule": "progressive", "real_p": 0.25, "patch_sizes": [4, 8], "probs": []}
+    assert config["patch"] == {"schedule": "progressive", "real_p": 0.25, "patch_sizes": [4, 8], "probs": [],
+                               "real_p_end": None, "batch_images": "distinct"}
     assert config["lr"] == 0.002 and config["preset"] == "tiny"
+
+
+def test_recipes_and_variant_options_reach_the_config():
+    paper = json.loads(run("train", "--dry-run", "--preset", "tiny", "--recipe", "paper").output)
+    assert paper["patch"]["real_p"] == 0.5 and paper["loss"]["reduction"] == "sum"
+    # options laid over a recipe win
+    mixed = json.loads(run("train", "--dry-run", "--preset", "tiny", "--recipe", "paper",
+                           "--loss-reduction", "mean", "--real-p", "1", "--real-p-end", "0.25",
+                           "--batch-images", "repeat", "--patch-noise-shift", "0.5",
+                           "--patch-lr-scale", "2", "--channels-last").output)
+    assert mixed["loss"] == {**paper["loss"], "reduction": "mean", "patch_P_mean_shift": 0.5}
+    assert mixed["patch"]["real_p_end"] == 0.25 and mixed["patch"]["batch_images"] == "repeat"
+    assert mixed["patch_lr_scale"] == 2.0 and mixed["channels_last"] is True
+    bad = run("train", "--dry-run", "--recipe", "nope")
+    assert bad.exit_code == 2
+
+
+def test_repeat_mode_reads_one_batch_per_step_and_trains_channels_last(tiny_data, tmp_path):
+    out = tmp_path / "runs"
+    result = run("train", "--data", tiny_data, "--outdir", out, "--duration", "0.08", *FAST,
+                 "--batch-images", "repeat", "--channels-last", "--patch-noise-shift", "1")
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(list_checkpoints(only_run_dir(out))[-1], with_tensors=False)[1]
+    assert meta["data_batches"] == meta["step"] > 0  # one loader batch per step, any patch size
 
 
 def test_user_data_does_not_inherit_the_presets_size(tiny_data):

@@ -49,3 +49,15 @@ def test_zero_output_loss_equals_weighted_target():
     sigma = rec.sigmas[0]
     expected = ((sigma**2 + 0.25) / (sigma * 0.5) ** 2 * 0.25).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("divisor, shift, expected", [(1, 1.0, -1.2), (2, 1.0, -2.2), (4, 1.0, -3.2),
+                                                      (4, 0.5, -2.2), (4, 0.0, -1.2)])
+def test_patch_noise_shift_lowers_p_mean_per_halving(divisor, shift, expected):
+    rec = Recorder()
+    images = torch.zeros(20000, 1, 2, 2)
+    edm_loss(rec, images, torch.zeros(20000, 2, 2, 2), None, LossConfig(patch_P_mean_shift=shift),
+             torch.Generator().manual_seed(0), divisor=divisor)
+    log_sigma = rec.sigmas[0].log()
+    assert log_sigma.mean().item() == pytest.approx(expected, abs=0.03)
+    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.03)

@@ -143,3 +143,24 @@ def test_bad_schedule_options(cfg, match):
 def test_steps_for_duration():
     assert steps_for_duration(1.0, 10, 2.0) == 50
     assert steps_for_duration(0.0001, 10, 1.0) == 1
+
+
+def test_real_p_end_moves_p_linearly_and_averages_the_multiplier():
+    sched = PatchSchedule(PatchConfig(real_p=1.0, real_p_end=0.0), (32, 32))
+    assert sched.divisors == (4, 2, 1)  # p = 1 at the start still needs the patch sizes
+    assert sched.probs_at(0.0) == pytest.approx((0.0, 0.0, 1.0))
+    assert sched.probs_at(0.5) == pytest.approx((0.2, 0.3, 0.5))
+    assert sched.probs_at(1.0) == pytest.approx((0.4, 0.6, 0.0))
+    # E[d] over the run: d is linear in p, so it is E[d] at the mean p (0.5): 1.9
+    assert sched.expected_multiplier == pytest.approx(1.9)
+    g = torch.Generator().manual_seed(0)
+    assert {sched.draw(0.0, g) for _ in range(200)} == {1}
+    late = [sched.draw(0.99, g) for _ in range(2000)]
+    assert late.count(1) / 2000 < 0.03 and late.count(2) / 2000 == pytest.approx(0.6, abs=0.05)
+
+
+def test_real_p_end_only_for_the_stochastic_schedule():
+    with pytest.raises(UserError, match="real-p-end"):
+        PatchSchedule(PatchConfig(schedule="progressive", real_p_end=0.2), (32, 32))
+    with pytest.raises(UserError, match="real-p-end"):
+        PatchSchedule(PatchConfig(real_p_end=1.2), (32, 32))

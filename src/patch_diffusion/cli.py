@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .config import PRESETS, TrainConfig, get_preset, replace, to_json, with_data
+from .config import PRESETS, RECIPES, TrainConfig, apply_recipe, get_preset, replace, to_json, with_data
 from .errors import UserError
 
 
@@ -54,12 +54,17 @@ def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
                       channel_mult=_ints(o["channel_mult"], "--channel-mult"),
                       num_blocks=o["blocks"], attn_resolutions=_ints(o["attn"], "--attn"),
                       dropout=o["dropout"], label_dropout=o["label_dropout"])
+    if o["recipe"]:
+        config = apply_recipe(config, o["recipe"])
     patch = replace(config.patch, schedule=o["schedule"], real_p=o["real_p"],
                     patch_sizes=_ints(o["patch_sizes"], "--patch-sizes"),
-                    probs=_floats(o["patch_probs"], "--patch-probs"))
+                    probs=_floats(o["patch_probs"], "--patch-probs"),
+                    real_p_end=o["real_p_end"], batch_images=o["batch_images"])
     return replace(
         config, data=data, model=replace(config.model, network=network), patch=patch,
-        loss=replace(config.loss, reduction=o["loss_reduction"]),
+        loss=replace(config.loss, reduction=o["loss_reduction"],
+                     patch_P_mean_shift=o["patch_noise_shift"]),
+        patch_lr_scale=o["patch_lr_scale"], compile=o["compile"], channels_last=o["channels_last"],
         sampler=replace(config.sampler, num_steps=o["steps"]),
         batch_size=o["batch"], duration_kimg=o["duration"], max_minutes=o["minutes"], lr=o["lr"],
         lr_warmup_kimg=o["warmup"], ema_halflife_kimg=o["ema"], seed=o["seed"], device=o["device"],
@@ -106,6 +111,13 @@ def main() -> None:
 @click.option("--real-p", type=float, help="Fraction p of steps on full images (paper: 0.5).")
 @click.option("--patch-sizes", help="Patch heights below the full canvas, e.g. 8,16 (default R/4,R/2).")
 @click.option("--patch-probs", help="Share of the non-full steps per patch size (default 2:3 for two sizes).")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), help="Named patch recipe laid over the preset (the options below still override it).")
+@click.option("--real-p-end", type=float, help="Stochastic schedule: p moves linearly from --real-p to this over training.")
+@click.option("--batch-images", type=click.Choice(["distinct", "repeat"]), help="An R/d step uses d x batch distinct images (paper) or d crops of each of batch images.")
+@click.option("--patch-noise-shift", type=float, help="Lower P_mean by this per halving of the patch side (0 = paper).")
+@click.option("--patch-lr-scale", type=float, help="Learning-rate multiplier for steps on patches (1 = paper).")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the network (one graph per patch size; pays off on GPUs).")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for the convolutions.")
 @click.option("--duration", type=float, help="Training length in kimg (thousands of images seen).")
 @click.option("--minutes", type=float, help="Stop after this many minutes of training steps (checkpointed; resumable).")
 @click.option("--batch", type=int, help="Base batch size (an R/d patch step uses d times as many images).")
@@ -318,17 +330,21 @@ def bench() -> None:
 @click.option("--minutes", default=12.0, show_default=True, type=float, help="Training minutes per arm (evaluation time excluded).")
 @click.option("--points", default=3, show_default=True, type=click.IntRange(min=1), help="FID evaluations per arm, evenly spaced in training time.")
 @click.option("--fid-num", default=1000, show_default=True, type=click.IntRange(min=2), help="Generated images per FID.")
-@click.option("--arms", default="full,patch,progressive", show_default=True, help="Comma-separated arms: full, patch, progressive ('' for none).")
+@click.option("--arms", default="full,patch,progressive,diffusers", show_default=True, help="Comma-separated arms: full, patch, progressive, diffusers, and the variants paper, repeat, noise-shift, p-ramp, patch-lr ('' for none).")
 @click.option("--p", "p_values", help="Extra stochastic arms, one per full-image ratio, e.g. 0.25,0.75.")
 @click.option("--subset", type=click.IntRange(min=1), help="Train on the first N images only (the small-data claim).")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and optimiser recipe: {', '.join(PRESETS)}.")
+@click.option("--batch", type=click.IntRange(min=1), help="Base batch size for every arm (default: the preset's).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help="bf16 autocast for every arm (for GPUs).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the patch arms' network.")
 @click.option("--ref-data", help="Reference images (default: the test split of a built-in set, else --data).")
 @click.option("--ref-num", type=click.IntRange(min=2), help="Reference images to use (default: all; cached).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted benchmark in --out.")
 def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num: int, arms: str,
-                      p_values: str | None, subset: int | None, preset: str, ref_data: str | None,
+                      p_values: str | None, subset: int | None, preset: str, batch: int | None,
+                      precision: str, compile_: bool, ref_data: str | None,
                       ref_num: int | None, seed: int, device: str, resume: bool) -> None:
     """Train each arm for the same time, one after another, and compare FID over time."""
     from .bench import BenchConfig, run_time_to_fid
@@ -339,7 +355,8 @@ def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num:
     config = BenchConfig(
         data=data, minutes=minutes, points=points, fid_num=fid_num,
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()), p_values=_floats(p_values, "--p") or (),
-        subset=subset, preset=preset, ref_data=ref_data, ref_num=ref_num, seed=seed, device=device)
+        subset=subset, preset=preset, batch=batch, precision=precision, compile=compile_,
+        ref_data=ref_data, ref_num=ref_num, seed=seed, device=device)
     get_preset(preset)  # an unknown preset fails before any work
     run_time_to_fid(config, Path(out), resume=resume)
     click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_time.png'}")

@@ -67,12 +67,15 @@ class TrainConfig:
     max_minutes: float | None = None  # cap on time in training steps (grids, FID excluded)
     lr: float = 2e-4
     lr_warmup_kimg: float = 10.0
+    patch_lr_scale: float = 1.0  # learning-rate multiplier for steps on patches (d > 1)
     ema_halflife_kimg: float = 500.0
     ema_rampup: float | None = 0.05  # EDM: half-life at most this fraction of images seen
     grad_clip: float | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast for the network
+    compile: bool = False  # torch.compile the network (one graph per patch size)
+    channels_last: bool = False  # NHWC memory layout for the network's convolutions
     checkpoint_kimg: float = 50.0
     sample_kimg: float = 50.0
     log_kimg: float = 1.0
@@ -151,6 +154,26 @@ def get_preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def _paper_recipe(config: TrainConfig) -> TrainConfig:
+    # The paper's code exactly: stochastic sizes R/4, R/2, R at p = 0.5 with 2:3 shares,
+    # distinct images across the batch multiplier, per-sample pixel-sum loss, one lr.
+    return dataclasses.replace(
+        config, patch=PatchConfig(schedule="stochastic", real_p=0.5),
+        loss=dataclasses.replace(config.loss, reduction="sum", patch_P_mean_shift=0.0),
+        patch_lr_scale=1.0)
+
+
+# Named patch recipes: whole bundles of patch, loss and learning-rate settings.
+RECIPES = {"paper": _paper_recipe}
+
+
+def apply_recipe(config: TrainConfig, name: str) -> TrainConfig:
+    """``config`` with the named recipe's patch, loss and lr-per-patch settings."""
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[name](config)
 
 
 def with_data(config: TrainConfig, path: str | None) -> TrainConfig:

@@ -13,10 +13,16 @@ Normalisation across patch sizes (our choice, ``reduction``):
   samples. A step on R/4 crops carries about 1/16 of a full step's loss magnitude.
 With Adam the overall scale barely matters; what changes is the balance between
 patch sizes within a run. The benchmark measures the effect.
+
+Noise levels per patch size (beyond the paper, off by default): ``patch_P_mean_shift``
+lowers P_mean by that much for every halving of the patch side (R/2: one shift, R/4:
+two). A small crop at very high noise holds almost nothing but its coordinates, so the
+hypothesis is that patches should teach the low-noise detail and full images the rest.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +36,7 @@ class LossConfig:
     P_std: float = 1.2
     sigma_data: float = 0.5
     reduction: Literal["mean", "sum"] = "mean"
+    patch_P_mean_shift: float = 0.0  # P_mean lowered by this per halving of the patch side
 
 
 def edm_loss(
@@ -39,14 +46,17 @@ def edm_loss(
     labels: torch.Tensor | None,
     config: LossConfig,
     generator: torch.Generator | None = None,
+    divisor: int = 1,
 ) -> torch.Tensor:
     """The scalar training loss for one batch of crops ``images`` with coordinates ``pos``.
 
+    ``divisor`` is the crops' d (R/d patches), used only by ``patch_P_mean_shift``.
     Noise is drawn with ``generator`` (on the images' device) so runs are reproducible.
     """
     batch = images.shape[0]
+    p_mean = config.P_mean - config.patch_P_mean_shift * math.log2(divisor)
     rnd = torch.randn(batch, device=images.device, generator=generator)
-    sigma = (rnd * config.P_std + config.P_mean).exp()
+    sigma = (rnd * config.P_std + p_mean).exp()
     weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
     noise = torch.randn(images.shape, device=images.device, generator=generator)
     noisy = images + noise * sigma.reshape(-1, 1, 1, 1)

@@ -43,27 +43,40 @@ class PatchConfig:
     real_p: float = 0.5
     patch_sizes: tuple[int, ...] = ()
     probs: tuple[float, ...] = ()
+    # Beyond the paper (None / "distinct" reproduce it exactly):
+    real_p_end: float | None = None  # stochastic: p moves linearly from real_p to this over training
+    batch_images: Literal["distinct", "repeat"] = "distinct"  # R/d steps: d*B images, or d crops of B
 
 
 class PatchSchedule:
     """A resolved schedule for one canvas: the divisors and their probabilities."""
 
     def __init__(self, config: PatchConfig, resolution: tuple[int, int]) -> None:
-        if not 0.0 <= config.real_p <= 1.0:
-            raise UserError(
-                f"--real-p must lie in [0, 1], got {config.real_p}; "
-                "use e.g. 0.5 (the paper's default) or 1 for full images only"
-            )
+        for name, value in (("--real-p", config.real_p), ("--real-p-end", config.real_p_end)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise UserError(
+                    f"{name} must lie in [0, 1], got {value}; "
+                    "use e.g. 0.5 (the paper's default) or 1 for full images only"
+                )
         if config.schedule not in ("stochastic", "progressive", "full"):
             raise UserError(
                 f"unknown schedule '{config.schedule}'; use stochastic, progressive or full"
             )
+        if config.real_p_end is not None and config.schedule != "stochastic":
+            raise UserError("--real-p-end changes p over training for the stochastic schedule "
+                            "only; drop it or use --schedule stochastic")
+        if config.batch_images not in ("distinct", "repeat"):
+            raise UserError(f"unknown batch-images mode '{config.batch_images}'; use distinct or repeat")
         self.config = config
         self.resolution = resolution
         height, width = resolution
-        if config.schedule == "full" or config.real_p == 1.0:
+        p_end = config.real_p if config.real_p_end is None else config.real_p_end
+        self.real_p_range = (config.real_p, p_end)
+        if config.schedule == "full" or (config.real_p == 1.0 and p_end == 1.0):
             self.divisors: tuple[int, ...] = (1,)
             self.probs: tuple[float, ...] = (1.0,)
+            self._shares: tuple[float, ...] = ()
+            self.real_p_range = (1.0, 1.0)
             return
         sizes = config.patch_sizes or _default_patch_sizes(height)
         divisors = []
@@ -76,10 +89,18 @@ class PatchSchedule:
                 )
             divisors.append(height // size)
         divisors.sort(reverse=True)  # smallest patch (largest divisor) first
-        shares = _small_patch_shares(len(divisors), config.probs)
-        rest = 1.0 - config.real_p
+        self._shares = _small_patch_shares(len(divisors), config.probs)
         self.divisors = tuple(divisors) + (1,)
-        self.probs = tuple(rest * s for s in shares) + (config.real_p,)
+        self.probs = self.probs_at(0.0)
+
+    def probs_at(self, progress: float) -> tuple[float, ...]:
+        """Each divisor's probability at ``progress`` (0..1) of training; constant unless
+        ``real_p_end`` makes p move linearly over training."""
+        if not self._shares:
+            return (1.0,)
+        start, end = self.real_p_range
+        p = start + (end - start) * min(max(progress, 0.0), 1.0)
+        return tuple((1.0 - p) * s for s in self._shares) + (p,)
 
     def patch_shape(self, divisor: int) -> tuple[int, int]:
         return self.resolution[0] // divisor, self.resolution[1] // divisor
@@ -88,9 +109,10 @@ class PatchSchedule:
     def expected_multiplier(self) -> float:
         """E[d]: images per step relative to the base batch (1.9 at the paper's defaults).
 
-        Used to count images seen and to set the EMA, as in the paper's code.
+        Used to count images seen and to set the EMA, as in the paper's code. When p moves
+        over training this is the average over the run (E[d] is linear in p).
         """
-        return sum(d * p for d, p in zip(self.divisors, self.probs))
+        return sum(d * p for d, p in zip(self.divisors, self.probs_at(0.5)))
 
     def draw(self, progress: float, generator: torch.Generator) -> int:
         """The divisor for one optimisation step.
@@ -108,7 +130,7 @@ class PatchSchedule:
             return 1
         u = torch.rand((), generator=generator).item()
         edge = 0.0
-        for divisor, prob in zip(self.divisors, self.probs):
+        for divisor, prob in zip(self.divisors, self.probs_at(progress)):
             edge += prob
             if u < edge:
                 return divisor

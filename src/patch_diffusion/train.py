@@ -112,7 +112,11 @@ def train(
         net = EDMPrecond(backbone, config.model.channels, sigma_data=config.model.sigma_data,
                          label_dim=config.model.network.label_dim)
     net = net.to(device).train()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    # dynamic=False: one graph per patch size, compiled once each, never a shape-generic one.
+    step_net = torch.compile(net, dynamic=False) if config.compile else net
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     patch_gen = torch.Generator().manual_seed(config.seed + 1)  # sizes, offsets, flips
     noise_gen = torch.Generator(device=device).manual_seed(config.seed + 2)  # sigma, noise
@@ -172,7 +176,7 @@ def train(
         if limit:  # a time budget paces the schedule when it ends training first
             fraction = max(fraction, state.train_seconds / limit)
         divisor = schedule.draw(fraction, patch_gen)
-        images, labels = _next_images(loader, divisor, state)
+        images, labels = _next_images(loader, divisor, state, config.patch.batch_images)
         images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
         if config.data.xflip:  # flip the image, keep the coordinates (paper, Sec. 3)
             flip = (torch.rand(images.shape[0], generator=patch_gen) < 0.5).to(device)
@@ -181,13 +185,17 @@ def train(
         if config.model.network.label_dim:
             cond = torch.nn.functional.one_hot(labels.to(device), config.model.network.label_dim).float()
         batch = make_patches(images, cond, divisor, patch_gen)
+        if config.channels_last:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+            batch.pos = batch.pos.contiguous(memory_format=torch.channels_last)
 
-        lr = config.lr * min(1.0, (state.step + 1) * img_per_step / max(config.lr_warmup_kimg * 1000, 1e-8))
+        lr = step_lr(config, state.step, img_per_step, divisor)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = edm_loss(net, batch.images, batch.pos, batch.labels, config.loss, noise_gen)
+            loss = edm_loss(step_net, batch.images, batch.pos, batch.labels, config.loss, noise_gen,
+                            divisor=divisor)
         loss.backward()
         for p in net.parameters():  # EDM: a rare non-finite gradient must not poison Adam
             if p.grad is not None:
@@ -232,8 +240,22 @@ def train(
     return run_dir
 
 
-def _next_images(loader, divisor: int, state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
-    """d loader batches, concatenated: a step on R/d crops sees d x batch distinct images."""
+def step_lr(config: TrainConfig, step: int, img_per_step: float, divisor: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up over ``lr_warmup_kimg``,
+    times ``patch_lr_scale`` on patch steps (d > 1)."""
+    warmup = min(1.0, (step + 1) * img_per_step / max(config.lr_warmup_kimg * 1000, 1e-8))
+    return config.lr * warmup * (config.patch_lr_scale if divisor > 1 else 1.0)
+
+
+def _next_images(loader, divisor: int, state: TrainState,
+                 mode: str = "distinct") -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's d x batch images: d loader batches of distinct images (the paper), or
+    with ``mode="repeat"`` one batch with each image repeated d times, to be cropped at
+    d independent offsets."""
+    if mode == "repeat":
+        images, labels = next(loader)
+        state.data_batches += 1
+        return images.repeat_interleave(divisor, 0), labels.repeat_interleave(divisor, 0)
     parts = [next(loader) for _ in range(divisor)]
     state.data_batches += divisor
     if divisor == 1:
@@ -248,8 +270,8 @@ def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, config: TrainConfig,
     if config.ema_rampup is not None:
         halflife = min(halflife, images_seen * config.ema_rampup)
     beta = 0.5 ** (img_per_step / max(halflife, 1e-8))
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p_net.detach(), 1 - beta)
+    # One fused update for all tensors: a per-parameter loop costs a launch each on a GPU.
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
 
 
 def _log_stats(log: RunLog, bar, window: dict, state: TrainState, img_per_step: float,

@@ -15,28 +15,54 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from ..checkpoint import atomic_write_bytes, load_checkpoint
-from ..config import get_preset, replace, with_data
+from ..config import TrainConfig, apply_recipe, get_preset, replace, with_data
 from ..data import default_cache_dir, open_dataset
 from ..devices import resolve_device
 from ..errors import UserError
 from ..evaluate import cached_reference, model_features, score
-from ..generate import load_denoiser
-from ..metrics import load_inception, load_reference
+from ..generate import load_denoiser, save_grid
+from ..metrics import compute_features, load_inception, load_reference
 from ..patches import PatchConfig
 from ..runs import latest_checkpoint
 from ..train import train
+from .diffusers_arm import import_diffusers, run_diffusers_arm
 from .report import write_plot, write_report
 
-ARMS = {
-    "full": PatchConfig(schedule="full"),  # plain EDM, same network and optimiser
-    "patch": PatchConfig(schedule="stochastic", real_p=0.5),  # the paper's default
-    "progressive": PatchConfig(schedule="progressive", real_p=0.5),
+def _patch_arm(**changes: Any) -> Callable[[TrainConfig], TrainConfig]:
+    """An arm that is the paper's stochastic p = 0.5 schedule plus ``changes``: fields of
+    PatchConfig, of LossConfig (prefixed ``loss_``) or of TrainConfig."""
+    patch = {k: v for k, v in changes.items() if k in PatchConfig.__dataclass_fields__}
+    loss = {k[5:]: v for k, v in changes.items() if k.startswith("loss_")}
+    rest = {k: v for k, v in changes.items() if k not in patch and not k.startswith("loss_")}
+
+    def arm(config: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(
+            config, patch=PatchConfig(schedule="stochastic", real_p=0.5, **patch),
+            loss=dataclasses.replace(config.loss, **loss), **rest)
+    return arm
+
+
+# Each arm turns the preset's config into the config that arm trains; same network,
+# optimiser, data and seed everywhere. "diffusers" is handled by diffusers_arm.
+ARMS: dict[str, Callable[[TrainConfig], TrainConfig] | None] = {
+    "full": lambda c: dataclasses.replace(c, patch=PatchConfig(schedule="full")),  # plain EDM
+    "patch": _patch_arm(),  # the paper's schedule, our per-pixel loss
+    "progressive": lambda c: dataclasses.replace(c, patch=PatchConfig(schedule="progressive")),
+    "diffusers": None,
+    # Hypotheses beyond the paper, each one change to the "patch" arm:
+    "paper": lambda c: apply_recipe(c, "paper"),  # the reference code's loss (pixel sum)
+    "repeat": _patch_arm(batch_images="repeat"),  # d crops of each image, not d*B images
+    "noise-shift": _patch_arm(loss_patch_P_mean_shift=1.0),  # lower noise for smaller patches
+    "p-ramp": _patch_arm(real_p=1.0, real_p_end=0.25),  # full images first, patches later
+    "patch-lr": _patch_arm(patch_lr_scale=2.0),  # larger steps on the larger patch batches
 }
+DEFAULT_ARMS = ("full", "patch", "progressive", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -45,27 +71,33 @@ class BenchConfig:
     minutes: float = 12.0  # training-time budget per arm
     points: int = 3  # FID evaluations per arm, evenly spaced in training time
     fid_num: int = 1000  # generated images per FID
-    arms: tuple[str, ...] = ("full", "patch", "progressive")
+    arms: tuple[str, ...] = DEFAULT_ARMS
     p_values: tuple[float, ...] = ()  # extra stochastic arms, one per full-image ratio
     subset: int | None = None  # train on the first N images only (small-data runs)
     preset: str = "fmnist-32"
+    batch: int | None = None  # base batch (default: the preset's)
+    precision: str = "fp32"  # bf16 = autocast (for GPUs)
+    compile: bool = False  # torch.compile the patch arms' network
     ref_data: str | None = None  # default: the test split of a built-in set, else the data
     ref_num: int | None = None  # reference images (default: all of ref_data)
     seed: int = 0
     device: str = "auto"
 
 
-def arm_configs(bench: BenchConfig) -> dict[str, PatchConfig]:
-    """The arms to run, by name: the named ones, then one stochastic arm per p value."""
+def arm_configs(bench: BenchConfig, base: TrainConfig) -> dict[str, TrainConfig | None]:
+    """The arms to run, by name (None for diffusers): the named ones, then one stochastic
+    arm per p value."""
     unknown = [a for a in bench.arms if a not in ARMS]
     if unknown:
         raise UserError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)} "
                         "(and --p for more full-image ratios)")
-    arms = {name: ARMS[name] for name in bench.arms}
+    arms = {name: (ARMS[name](base) if ARMS[name] else None) for name in bench.arms}
     for p in bench.p_values:
-        arms[f"patch-p{p:g}"] = PatchConfig(schedule="stochastic", real_p=p)
+        arms[f"patch-p{p:g}"] = dataclasses.replace(base, patch=PatchConfig(schedule="stochastic", real_p=p))
     if not arms:
         raise UserError("no arms to run; pass --arms or --p")
+    if "diffusers" in arms:
+        import_diffusers()  # fail before any work when it is missing
     return arms
 
 
@@ -83,7 +115,12 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     """Run (or continue) the benchmark in ``out``; returns the results dict."""
     if bench.points < 1 or bench.minutes <= 0:
         raise UserError("--points must be at least 1 and --minutes positive")
-    arms = arm_configs(bench)  # bad options fail before anything is read or written
+    base = with_data(get_preset(bench.preset), bench.data)
+    base = replace(base, data=replace(base.data, max_images=bench.subset), seed=bench.seed,
+                   device=bench.device, max_minutes=bench.minutes, duration_kimg=1e9,
+                   checkpoint_kimg=1e9, sample_kimg=1e9, keep_checkpoints=1,
+                   batch_size=bench.batch, precision=bench.precision, compile=bench.compile)
+    arms = arm_configs(bench, base)  # bad options fail before anything is read or written
     out = Path(out)
     results_path = out / "results.json"
     if results_path.exists() and not resume:
@@ -96,10 +133,6 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     results = results or {"bench": _jsonable(bench), "arms": {}}
     device = resolve_device(bench.device)
 
-    base = with_data(get_preset(bench.preset), bench.data)
-    base = replace(base, data=replace(base.data, max_images=bench.subset), seed=bench.seed,
-                   device=bench.device, max_minutes=bench.minutes, duration_kimg=1e9,
-                   checkpoint_kimg=1e9, sample_kimg=1e9, keep_checkpoints=1)
     resolution = open_dataset(base.data.path, resolution=base.data.resolution, fit=base.data.fit,
                               max_images=1).resolution
     ref_name = reference_data(bench)
@@ -110,10 +143,13 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     results["ref"] = {"data": ref_name, "num": ref_num, "path": str(ref_path)}
     inception = load_inception(None, device)
 
-    for name, patch in arms.items():
+    for name, config in arms.items():
         record = results["arms"].setdefault(name, {"points": []})
+        if config is None:
+            _run_diffusers(base, bench, record, results, results_path, out, ref, inception, device,
+                           progress)
+            continue
         arm_dir = out / "arms" / name
-        config = replace(base, patch=patch)
         for k in range(len(record["points"]) + 1, bench.points + 1):
             previous = latest_checkpoint(arm_dir)
             train(config, arm_dir, resume_from=previous,
@@ -122,9 +158,7 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
             checkpoint = latest_checkpoint(arm_dir)
             record["points"].append(_evaluate(checkpoint, bench, ref, inception, device, progress))
             atomic_write_bytes(results_path, json.dumps(results, indent=1).encode())
-            point = record["points"][-1]
-            print(f"[{name}] {point['minutes']:.2f} min, {point['kimg']:.1f} kimg: FID {point['fid']:.2f}",
-                  flush=True)
+            _announce(name, record["points"][-1])
         grids = sorted(arm_dir.glob("*/samples-*.png"))
         if grids:
             shutil.copyfile(grids[-1], out / f"samples-{name}.png")
@@ -133,6 +167,39 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     write_report(results, out / "report.md")
     write_plot(results, out / "fid_vs_time.png")
     return results
+
+
+def _run_diffusers(base: TrainConfig, bench: BenchConfig, record: dict, results: dict,
+                   results_path: Path, out: Path, ref, inception, device: torch.device,
+                   progress: bool) -> None:
+    if len(record["points"]) == bench.points:
+        return
+    record["points"] = []  # no checkpoints: an interrupted diffusers arm starts again
+    budgets = [bench.minutes * 60 * k / bench.points for k in range(1, bench.points + 1)]
+    last: list[torch.Tensor] = []
+
+    def evaluate(generate: Callable[[list[int]], torch.Tensor]) -> float:
+        def batches() -> Iterator[torch.Tensor]:
+            for start in range(0, bench.fid_num, 64):
+                images = generate(list(range(start, min(start + 64, bench.fid_num))))
+                if start == 0:
+                    last[:] = [images]
+                yield images
+        features = compute_features(batches(), inception, device, total=bench.fid_num,
+                                    progress=progress)
+        return score(features, ref)["fid"]
+
+    for point in run_diffusers_arm(base, budgets, evaluate, device, progress=progress):
+        record["points"].append(point)
+        atomic_write_bytes(results_path, json.dumps(results, indent=1).encode())
+        _announce("diffusers", point)
+    if last:
+        save_grid(last[0], out / "samples-diffusers.png", scale=max(1, 64 // max(last[0].shape[-2:])))
+
+
+def _announce(name: str, point: dict[str, Any]) -> None:
+    print(f"[{name}] {point['minutes']:.2f} min, {point['kimg']:.1f} kimg: FID {point['fid']:.2f}",
+          flush=True)
 
 
 def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torch.device,
