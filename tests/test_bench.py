@@ -65,3 +65,19 @@ def test_throughput_smoke(tiny_data):
     table = run("bench", "throughput", "--data", tiny_data, "--preset", "tiny", "--steps", "1",
                 "--warmup", "0", "--device", "cpu")
     assert "schedule vs full images" in table.output
+
+
+def test_every_arm_builds_and_changes_one_thing():
+    from patch_diffusion.bench.time_to_fid import ARMS, BenchConfig, arm_configs
+    from patch_diffusion.config import get_preset
+    base = get_preset("tiny")
+    arms = arm_configs(BenchConfig(arms=tuple(ARMS)), base)
+    assert arms["diffusers"] is None
+    assert arms["full"].patch.schedule == "full" and arms["progressive"].patch.schedule == "progressive"
+    patch = arms["patch"]
+    assert (patch.patch.schedule, patch.patch.real_p, patch.loss) == ("stochastic", 0.5, base.loss)
+    assert arms["paper"].loss.reduction == "sum" and arms["paper"].patch == patch.patch
+    assert arms["repeat"].patch.batch_images == "repeat"
+    assert arms["noise-shift"].loss.patch_P_mean_shift > 0 and arms["noise-shift"].patch == patch.patch
+    assert (arms["p-ramp"].patch.real_p, arms["p-ramp"].patch.real_p_end) == (1.0, 0.25)
+    assert arms["patch-lr"].patch_lr_scale != 1.0 and arms["patch-lr"].patch == patch.patch

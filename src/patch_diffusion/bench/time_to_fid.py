@@ -43,7 +43,7 @@ def _patch_arm(**changes: Any) -> Callable[[TrainConfig], TrainConfig]:
 
     def arm(config: TrainConfig) -> TrainConfig:
         return dataclasses.replace(
-            config, patch=PatchConfig(schedule="stochastic", real_p=0.5, **patch),
+            config, patch=PatchConfig(**{"schedule": "stochastic", "real_p": 0.5, **patch}),
             loss=dataclasses.replace(config.loss, **loss), **rest)
     return arm
 
