@@ -362,22 +362,44 @@ def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num:
     click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_time.png'}")
 
 
+@bench.command("report")
+@click.argument("out", type=click.Path(file_okay=False, exists=True))
+def bench_report(out: str) -> None:
+    """Rewrite report.md and fid_vs_time.png of a time-to-FID benchmark from its results.json."""
+    import json
+
+    from .bench import write_plot, write_report
+
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise UserError(f"no results.json in '{out}'; pass the --out folder of 'bench time-to-fid'")
+    results = json.loads(path.read_text())
+    write_report(results, Path(out) / "report.md")
+    write_plot(results, Path(out) / "fid_vs_time.png")
+    click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_time.png'}")
+
+
 @bench.command("throughput")
 @click.option("--data", default="fashion-mnist", show_default=True, help="Training data: folder, zip or built-in name.")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and batch: {', '.join(PRESETS)}.")
 @click.option("--batch", type=click.IntRange(min=1), help="Base batch size (default: the preset's).")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timed steps per patch size.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first, per patch size (compilation happens here).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16: autocast the network.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network.")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_throughput(data: str, preset: str, batch: int | None, steps: int, warmup: int, device: str,
+                     precision: str | None, compile_: bool | None, channels_last: bool | None,
                      as_json: bool) -> None:
     """Training img/s and kpixel/s per patch size and for the schedule; where step time goes."""
     import json
 
     from .bench import format_table, run_throughput
 
-    config = replace(with_data(get_preset(preset), data), batch_size=batch, device=device)
+    config = replace(with_data(get_preset(preset), data), batch_size=batch, device=device,
+                     precision=precision, compile=compile_, channels_last=channels_last)
     result = run_throughput(config, steps=steps, warmup=warmup)
     click.echo(json.dumps(result) if as_json else format_table(result))
 

@@ -21,7 +21,8 @@ from ..devices import resolve_device
 from ..loss import edm_loss
 from ..model import build_denoiser
 from ..patches import PatchConfig, PatchSchedule, make_patches
-from ..train import TrainState, _next_images, _update_ema, resolve_config
+from ..train import (TrainState, _memory_format, _next_images, _update_ema, autocast_for, compiled,
+                     make_optimizer, resolve_config)
 
 PHASES = ("data", "patches", "step")
 
@@ -36,9 +37,11 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
     config = resolve_config(config, dataset)
     schedule = PatchSchedule(config.patch, config.model.resolution)
     torch.manual_seed(config.seed)
-    net = build_denoiser(config.model).to(device).train()
+    net = build_denoiser(config.model).to(device, memory_format=_memory_format(config)).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    step_net = compiled(net, config, device)
+    optimizer = make_optimizer(net, config, device)
+    autocast = autocast_for(config, device)
     loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed, num_workers=0))
     gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -58,9 +61,13 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
             images = images.to(device).to(torch.float32) / 127.5 - 1
             t1 = sync()
             batch = make_patches(images, None, divisor, gen)
+            batch.images = batch.images.contiguous(memory_format=_memory_format(config))
+            batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
             t2 = sync()
             optimizer.zero_grad(set_to_none=True)
-            edm_loss(net, batch.images, batch.pos, None, config.loss, noise_gen).backward()
+            with autocast:
+                loss = edm_loss(step_net, batch.images, batch.pos, None, config.loss, noise_gen)
+            loss.backward()
             optimizer.step()
             _update_ema(ema, net, config, 1e6, 1.0)
             t3 = sync()
@@ -85,11 +92,14 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
                "kpix_per_s": sum(r["prob"] * r["pixels"] for r in rows) / mean_time / 1000,
                "speedup_img_per_s_vs_full": (mean_images / mean_time) / full["img_per_s"], **shares}
     return {"device": str(device), "batch": config.batch_size, "steps": steps, "rows": rows,
-            "schedule": summary}
+            "precision": config.precision, "compile": config.compile,
+            "channels_last": config.channels_last, "schedule": summary}
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"device {result['device']}, base batch {result['batch']}, median of {result['steps']} steps",
+    extras = [result["precision"]] + [name for name in ("compile", "channels_last") if result[name]]
+    lines = [f"device {result['device']} ({', '.join(extras)}), base batch {result['batch']}, "
+             f"median of {result['steps']} steps",
              f"{'patch':>9} {'p':>5} {'images':>6} {'s/step':>8} {'img/s':>8} {'kpix/s':>8} "
              f"{'data':>6} {'patches':>7} {'step':>6}"]
     for r in result["rows"]:

@@ -5,7 +5,7 @@ The clock counts training steps only (``TrainState.train_seconds``), so grids, F
 and checkpoints never eat into an arm's budget. Each arm trains in K segments that
 resume bit-exactly from the previous checkpoint; after each segment the EMA weights
 are scored against cached reference statistics. Results are written after every point,
-so ``resume=True`` continues an interrupted benchmark.
+so ``resume=True`` continues an interrupted benchmark, or adds arms to a finished one.
 """
 
 from __future__ import annotations
@@ -127,10 +127,11 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
         raise UserError(f"'{out}' already holds a benchmark; pass --resume to continue it or "
                         "choose another --out")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if results and results.get("bench") != _jsonable(bench):
+    if results and _settings(results.get("bench", {})) != _settings(_jsonable(bench)):
         raise UserError(f"'{out}' holds a benchmark with other settings; resume it with the same "
-                        "options or choose another --out")
-    results = results or {"bench": _jsonable(bench), "arms": {}}
+                        "options (other --arms/--p may be added) or choose another --out")
+    # Arms run earlier stay in the results; this call's arms are added or continued.
+    results = {"arms": {}, **results, "bench": _jsonable(bench)}
     device = resolve_device(bench.device)
 
     resolution = open_dataset(base.data.path, resolution=base.data.resolution, fit=base.data.fit,
@@ -212,6 +213,11 @@ def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torc
     return {"minutes": round(seconds / 60, 4), "steps": meta["step"], "kimg": round(meta["kimg"], 3),
             "img_per_s": round(meta["kimg"] * 1000 / max(seconds, 1e-9), 2),
             "fid": round(score(features, ref)["fid"], 4)}
+
+
+def _settings(bench: dict[str, Any]) -> dict[str, Any]:
+    """What must match for arms to be comparable: everything but the choice of arms."""
+    return {k: v for k, v in bench.items() if k not in ("arms", "p_values")}
 
 
 def _jsonable(bench: BenchConfig) -> dict[str, Any]:
