@@ -27,6 +27,7 @@ from ..data import InfiniteBatches, open_dataset
 from ..errors import UserError
 from ..generate import to_uint8
 from ..samplers import SeededNoise
+from ..train import autocast_for
 
 DDIM_STEPS = 50
 BLOCK_CHANNELS = (32, 32, 64)  # 0.76M parameters for 1 channel, about our fmnist-32 net's 0.75M
@@ -42,7 +43,7 @@ def import_diffusers() -> Any:
     return diffusers
 
 
-def build_unet(config: TrainConfig, channels: int, resolution: tuple[int, int]) -> torch.nn.Module:
+def build_unet(channels: int, resolution: tuple[int, int]) -> torch.nn.Module:
     """A UNet2DModel as diffusers' example builds it, shrunk to about our preset's size."""
     diffusers = import_diffusers()
     levels = len(BLOCK_CHANNELS)
@@ -70,7 +71,7 @@ def run_diffusers_arm(
                            channels=config.data.channels, max_images=config.data.max_images)
     resolution = tuple(dataset.resolution)
     torch.manual_seed(config.seed)
-    model = build_unet(config, dataset.channels, resolution).to(device).train()
+    model = build_unet(dataset.channels, resolution).to(device).train()
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     ema.to(device)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -79,8 +80,7 @@ def run_diffusers_arm(
                                   weight_decay=1e-6, eps=1e-8)
     gen = torch.Generator(device=device).manual_seed(config.seed + 2)
     loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed, num_workers=0))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
-                else torch.autocast(device.type, enabled=False))
+    autocast = autocast_for(config, device)
     total = budgets[-1]
     seconds, step = 0.0, 0
     for budget in budgets:
