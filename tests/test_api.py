@@ -32,3 +32,14 @@ def test_custom_backbone_trains_saves_and_samples(tiny_data, tmp_path):
     assert torch.equal(denoiser.backbone.conv.weight, stored["ema.backbone.conv.weight"])
     images = pd.sample(denoiser.eval(), [0, 1], pd.SamplerConfig(num_steps=3), (16, 16), torch.device("cpu"))
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+
+
+def test_time_budget_progress_counts_training_seconds(tiny_data, tmp_path, capsys):
+    config = pd.get_preset("tiny")
+    config = pd.config.replace(config, data=pd.config.replace(config.data, path=str(tiny_data), num_workers=0),
+                               device="cpu", duration_kimg=1e9, max_minutes=0.02,
+                               checkpoint_kimg=1e9, sample_kimg=1e9)
+    pd.train(config, tmp_path / "runs", backbone=TinyBackbone(3))
+    err = capsys.readouterr().err
+    # a time budget shows seconds of its 1.2, not a step total the run never reaches
+    assert "/1 s of training" in err and "step=" in err and "%|" in err

@@ -80,9 +80,14 @@ def test_throughput_smoke(tiny_data):
     for r in data["rows"]:
         assert r["data_share"] + r["patches_share"] + r["step_share"] == pytest.approx(1.0)
         assert r["img_per_s"] == pytest.approx(r["images"] / r["sec_per_step"])
+        assert r["first_step_s"] > 0
+    # the pipelined loop: a step that also loads and crops cannot be free, and reusing
+    # ready batches cannot cost more than the whole step
+    schedule = data["schedule"]
+    assert schedule["loop_sec_per_step"] > 0 and schedule["loop_data_patches_share"] < 1
     table = run("bench", "throughput", "--data", tiny_data, "--preset", "tiny", "--steps", "1",
                 "--warmup", "0", "--device", "cpu")
-    assert "schedule vs full images" in table.output
+    assert "schedule vs full images" in table.output and "data + patches add" in table.output
 
 
 def test_every_arm_builds_and_changes_one_thing():

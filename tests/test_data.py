@@ -340,3 +340,35 @@ def test_idx_download_is_parsed_and_cached(tmp_path: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(served)
     open_dataset("mnist:test", cache_dir=tmp_path / "cache")  # now served from the cache
     assert len(urls) == 2
+
+
+def test_dataset_on_a_device_gives_the_same_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from patch_diffusion.config import DataConfig, TrainConfig
+    from patch_diffusion.train import data_on_device
+
+    _tiny_folder(tmp_path / "imgs", 5)
+    ds = open_dataset(str(tmp_path / "imgs"))
+    assert ds.in_memory and ds.nbytes == 5 * ds.channels * ds.resolution[0] * ds.resolution[1]
+    target = "cuda" if torch.cuda.is_available() else "cpu"
+    moved = ds.to(target)
+    ref, got = iter(InfiniteBatches(ds, 3, seed=1)), iter(InfiniteBatches(moved, 3, seed=1, pin_memory=True))
+    for _ in range(4):  # same order and pixels, across an epoch boundary
+        (x, y), (gx, gy) = next(ref), next(got)
+        assert gx.device.type == target and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
+    monkeypatch.setattr(datasets, "MAX_IN_MEMORY_BYTES", 0)
+    with pytest.raises(ValueError, match="in-memory"):
+        open_dataset(str(tmp_path / "imgs")).to(target)
+
+    # the rule for training: CUDA only, in-memory only, when allowed and under a quarter of free memory
+    moves = []
+    monkeypatch.setattr(datasets.ImageDataset, "to", lambda self, device: moves.append(device) or self)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * ds.nbytes, 8 * ds.nbytes))
+    config = TrainConfig()
+    data_on_device(ds, config, torch.device("cpu"))
+    data_on_device(ds, TrainConfig(data=DataConfig(on_device=False)), torch.device("cuda"))
+    assert moves == []
+    data_on_device(ds, config, torch.device("cuda"))
+    assert moves == [torch.device("cuda")]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * ds.nbytes - 1, 8 * ds.nbytes))
+    data_on_device(ds, config, torch.device("cuda"))
+    assert len(moves) == 1

@@ -49,7 +49,7 @@ def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
     config = with_data(config, o["data"])
     data = replace(config.data, resolution=_resolution(o["resolution"]),
                    fit=o["fit"], max_images=o["max_images"], xflip=o["xflip"], cond=o["cond"],
-                   num_workers=o["workers"])
+                   num_workers=o["workers"], on_device=o["data_on_device"])
     network = replace(config.model.network, model_channels=o["channels"],
                       channel_mult=_ints(o["channel_mult"], "--channel-mult"),
                       num_blocks=o["blocks"], attn_resolutions=_ints(o["attn"], "--attn"),
@@ -141,6 +141,7 @@ def main() -> None:
 @click.option("--keep", type=int, help="Keep the newest N checkpoints (0 = all).")
 @click.option("--steps", type=int, help="Sampler steps for the periodic grids.")
 @click.option("--workers", type=int, help="Data-loading worker processes (default: automatic).")
+@click.option("--data-on-device/--no-data-on-device", default=None, help="Keep in-memory data on the GPU when it fits in a quarter of free memory (default on).")
 @click.option("--fid-every", type=float, help="Periodic FID interval in kimg (logged to stats.jsonl).")
 @click.option("--fid-ref", help="Reference statistics for --fid-every (from 'patch-diffusion fid ref').")
 @click.option("--fid-num", type=click.IntRange(min=2), help="Generated images per periodic FID (default 1000).")

@@ -24,3 +24,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device '{name}' asked for but MPS is not available; use --device cpu or auto")
     return device
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """Move a host tensor to ``device`` without making the host wait for the GPU.
+
+    A copy from ordinary (pageable) host memory to CUDA blocks until the GPU has caught
+    up with all queued work, which stalls a training loop every step. From pinned memory
+    the copy is queued like a kernel, so the host can prepare the next step meanwhile.
+    """
+    if device is None:
+        return tensor
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from .devices import to_device
 from .errors import UserError
 
 ScheduleKind = Literal["stochastic", "progressive", "full"]
@@ -196,7 +197,7 @@ def random_offsets(
     """Uniform top-left corners [B, 2] (row, col) so every crop lies inside the canvas."""
     rows = torch.randint(0, canvas[0] - patch[0] + 1, (batch,), generator=generator)
     cols = torch.randint(0, canvas[1] - patch[1] + 1, (batch,), generator=generator)
-    return torch.stack([rows, cols], dim=1).to(device)
+    return to_device(torch.stack([rows, cols], dim=1), device)
 
 
 def crop(images: torch.Tensor, offsets: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .checkpoint import (checkpoint_name, load_checkpoint, optimizer_from_tensor
                          unprefixed)
 from .config import TrainConfig, from_dict, to_dict, to_json
 from .data import ImageDataset, InfiniteBatches, default_num_workers, open_dataset
-from .devices import resolve_device
+from .devices import resolve_device, to_device
 from .errors import UserError
 from .evaluate import FIDTracker
 from .generate import sample, save_grid
@@ -149,6 +149,7 @@ def train(
         reals = dataset.get_batch(torch.arange(min(config.grid_seeds, len(dataset))))[0]
         save_grid(reals, run_dir / "reals.png", scale=_grid_scale(config))
 
+    dataset = data_on_device(dataset, config, device)
     num_workers = config.data.num_workers
     if num_workers is None:  # in-memory data is one tensor index per batch: workers only add IPC
         num_workers = 0 if dataset.in_memory else default_num_workers()
@@ -163,8 +164,11 @@ def train(
     limit = config.max_minutes * 60 if config.max_minutes is not None else None
     pause = stop_after_minutes * 60 if stop_after_minutes is not None else None
     window = {"loss": 0.0, "steps": 0, "images": 0, "busy": 0.0}
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
-               disable=not progress, dynamic_ncols=True)
+    if limit:  # a time budget: the bar counts training seconds, not a step total it may never reach
+        bar = time_bar(limit, state.train_seconds, progress)
+    else:
+        bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+                   disable=not progress, dynamic_ncols=True)
     stopped_early = False
     while state.step < total_steps:
         step_start = time.monotonic()
@@ -173,13 +177,14 @@ def train(
             fraction = max(fraction, state.train_seconds / limit)
         divisor = schedule.draw(fraction, patch_gen)
         images, labels = _next_images(loader, divisor, state, config.patch.batch_images)
-        images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+        # Host-side draws travel through pinned memory: no per-step wait for the GPU.
+        images = to_device(images, device).to(torch.float32) / 127.5 - 1
         if config.data.xflip:  # flip the image, keep the coordinates (paper, Sec. 3)
-            flip = (torch.rand(images.shape[0], generator=patch_gen) < 0.5).to(device)
+            flip = to_device(torch.rand(images.shape[0], generator=patch_gen) < 0.5, device)
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
         cond = None
         if config.model.network.label_dim:
-            cond = torch.nn.functional.one_hot(labels.to(device), config.model.network.label_dim).float()
+            cond = torch.nn.functional.one_hot(to_device(labels, device), config.model.network.label_dim).float()
         batch = make_patches(images, cond, divisor, patch_gen)
         batch.images = batch.images.contiguous(memory_format=_memory_format(config))
         batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
@@ -207,7 +212,7 @@ def train(
         window["loss"] += loss.detach()
         window["steps"] += 1
         window["images"] += batch.images.shape[0]
-        bar.update(1)
+        bar.update(min(step_seconds, max(bar.total - bar.n, 0.0)) if limit else 1)  # the last step may overrun
         over_time = any(t is not None and state.train_seconds >= t for t in (limit, pause))
         done = state.step == total_steps or over_time
         if state.step % every["log"] == 0 or done:
@@ -233,6 +238,24 @@ def train(
     if not stopped_early:
         log.info(f"done: {state.step} steps, {state.step * img_per_step / 1000:.1f} kimg")
     return run_dir
+
+
+def time_bar(seconds: float, done: float = 0.0, progress: bool = True, desc: str = "training") -> tqdm:
+    """A progress bar over a training-time budget; update it with each step's seconds."""
+    return tqdm(total=seconds, initial=done, desc=desc, disable=not progress, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training "
+                "[{elapsed}<{remaining}{postfix}]")
+
+
+def data_on_device(dataset: ImageDataset, config: TrainConfig, device: torch.device) -> ImageDataset:
+    """The dataset to draw batches from: an in-memory set moves to the GPU when
+    ``config.data.on_device`` allows and it takes under a quarter of the free memory.
+    Loading from the host cost a compiled step on an H200 about half its time
+    (BENCHMARKS.md); indexing on the GPU costs nothing measurable."""
+    if not (config.data.on_device and device.type == "cuda" and dataset.in_memory):
+        return dataset
+    free, _ = torch.cuda.mem_get_info(device)
+    return dataset.to(device) if dataset.nbytes * 4 <= free else dataset
 
 
 def _memory_format(config: TrainConfig) -> torch.memory_format:
@@ -308,7 +331,7 @@ def _log_stats(log: RunLog, bar, window: dict, state: TrainState, img_per_step: 
         "sec_per_step": round(elapsed / max(window["steps"], 1), 5),
     }
     log.stats(stats)
-    bar.set_postfix(loss=f"{stats['loss']:.4f}", kimg=f"{stats['kimg']:.1f}")
+    bar.set_postfix(step=state.step, loss=f"{stats['loss']:.4f}", kimg=f"{stats['kimg']:.1f}")
     window.update(loss=0.0, steps=0, images=0, busy=0.0)
 
 

@@ -27,7 +27,8 @@ from ..data import InfiniteBatches, open_dataset
 from ..errors import UserError
 from ..generate import to_uint8
 from ..samplers import SeededNoise
-from ..train import autocast_for
+from ..devices import to_device
+from ..train import autocast_for, data_on_device, time_bar
 
 DDIM_STEPS = 50
 BLOCK_CHANNELS = (32, 32, 64)  # 0.76M parameters for 1 channel, about our fmnist-32 net's 0.75M
@@ -79,15 +80,18 @@ def run_diffusers_arm(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_max, betas=(0.95, 0.999),
                                   weight_decay=1e-6, eps=1e-8)
     gen = torch.Generator(device=device).manual_seed(config.seed + 2)
-    loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed, num_workers=0))
+    # The same data path as the EDM arms, so the comparison stays fair on a GPU.
+    loader = iter(InfiniteBatches(data_on_device(dataset, config, device), config.batch_size,
+                                  seed=config.seed, num_workers=0, pin_memory=device.type == "cuda"))
     autocast = autocast_for(config, device)
     total = budgets[-1]
     seconds, step = 0.0, 0
     for budget in budgets:
+        bar = time_bar(total, seconds, progress, desc="training (diffusers)")
         while seconds < budget:
             start = time.monotonic()
             images, _ = next(loader)
-            clean = images.to(device).to(torch.float32) / 127.5 - 1
+            clean = to_device(images, device).to(torch.float32) / 127.5 - 1
             noise = torch.randn(clean.shape, device=device, generator=gen)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],),
                               device=device, generator=gen)
@@ -105,7 +109,12 @@ def run_diffusers_arm(
             optimizer.zero_grad(set_to_none=True)
             ema.step(model.parameters())
             step += 1
-            seconds += time.monotonic() - start
+            elapsed = time.monotonic() - start
+            seconds += elapsed
+            bar.update(min(elapsed, max(bar.total - bar.n, 0.0)))
+            if step % 100 == 0:
+                bar.set_postfix(step=step, loss=f"{loss.item():.4f}")
+        bar.close()
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
         model.eval()

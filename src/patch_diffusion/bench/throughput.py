@@ -3,7 +3,9 @@
 For each patch size of the schedule (and full images) it times real training steps,
 phase by phase: data (the step's d loader batches, to the device), patches (crops and
 coordinate channels) and the optimisation step (loss, backward, Adam, EMA). The
-schedule's row weights each size by its probability, as training does.
+schedule's row weights each size by its probability, as training does. A last
+measurement times a pipelined loop with and without fresh data and patches, which is
+what those phases really cost once the host can run ahead of the GPU.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ import torch
 
 from ..config import TrainConfig, replace
 from ..data import InfiniteBatches, open_dataset
-from ..devices import resolve_device
+from ..devices import resolve_device, to_device
 from ..loss import edm_loss
 from ..model import build_denoiser
-from ..patches import PatchConfig, PatchSchedule, make_patches
+from ..patches import PatchBatch, PatchConfig, PatchSchedule, make_patches
 from ..train import (TrainState, _memory_format, _next_images, _update_ema, autocast_for, compiled,
-                     make_optimizer, resolve_config)
+                     data_on_device, make_optimizer, resolve_config)
 
 PHASES = ("data", "patches", "step")
 
 
 def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
-    """Median phase times per patch size for ``config``'s network, batch and data."""
+    """Median phase times per patch size for ``config``'s network, batch and data, and the
+    share of a pipelined training loop's time that data and patches add."""
     device = resolve_device(config.device)
     dataset = open_dataset(config.data.path, resolution=config.data.resolution, fit=config.data.fit,
                            channels=config.data.channels, max_images=config.data.max_images)
@@ -42,7 +45,10 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
     step_net = compiled(net, config, device)
     optimizer = make_optimizer(net, config, device)
     autocast = autocast_for(config, device)
-    loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed, num_workers=0))
+    # The same data path as training (data kept on the GPU, or pinned batches).
+    host_dataset, dataset = dataset, data_on_device(dataset, config, device)
+    loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed, num_workers=0,
+                                  pin_memory=device.type == "cuda"))
     gen = torch.Generator().manual_seed(config.seed)
     noise_gen = torch.Generator(device=device).manual_seed(config.seed)
     state = TrainState()
@@ -52,28 +58,42 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    rows = []
+    def load(divisor: int) -> torch.Tensor:
+        images, _ = _next_images(loader, divisor, state)
+        return to_device(images, device).to(torch.float32) / 127.5 - 1
+
+    def patches(images: torch.Tensor, divisor: int) -> PatchBatch:
+        batch = make_patches(images, None, divisor, gen)
+        batch.images = batch.images.contiguous(memory_format=_memory_format(config))
+        batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
+        return batch
+
+    def optimise(batch: PatchBatch) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = edm_loss(step_net, batch.images, batch.pos, None, config.loss, noise_gen)
+        loss.backward()
+        optimizer.step()
+        _update_ema(ema, net, config, 1e6, 1.0)
+
+    rows, cached = [], {}
     for divisor, prob in zip(schedule.divisors, schedule.probs):
         times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+        first_step = None
         for i in range(warmup + steps):
             t0 = sync()
-            images, _ = _next_images(loader, divisor, state)
-            images = images.to(device).to(torch.float32) / 127.5 - 1
+            images = load(divisor)
             t1 = sync()
-            batch = make_patches(images, None, divisor, gen)
-            batch.images = batch.images.contiguous(memory_format=_memory_format(config))
-            batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
+            batch = patches(images, divisor)
             t2 = sync()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = edm_loss(step_net, batch.images, batch.pos, None, config.loss, noise_gen)
-            loss.backward()
-            optimizer.step()
-            _update_ema(ema, net, config, 1e6, 1.0)
+            optimise(batch)
             t3 = sync()
+            if i == 0:
+                first_step = t3 - t0  # includes compilation with --compile
             if i >= warmup:
                 for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
                     times[phase].append(seconds)
+        cached[divisor] = batch
         medians = {phase: statistics.median(values) for phase, values in times.items()}
         total = sum(medians.values())
         h, w = schedule.patch_shape(divisor)
@@ -81,7 +101,7 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
         rows.append({"patch": f"{h}x{w}", "divisor": divisor, "prob": prob, "images": count,
                      "pixels": count * h * w,
                      "sec_per_step": total, "img_per_s": count / total,
-                     "kpix_per_s": count * h * w / total / 1000,
+                     "kpix_per_s": count * h * w / total / 1000, "first_step_s": first_step,
                      **{f"{phase}_share": medians[phase] / total for phase in PHASES}})
     mean_time = sum(r["prob"] * r["sec_per_step"] for r in rows)
     mean_images = sum(r["prob"] * r["images"] for r in rows)
@@ -91,13 +111,33 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
     summary = {"sec_per_step": mean_time, "img_per_s": mean_images / mean_time,
                "kpix_per_s": sum(r["prob"] * r["pixels"] for r in rows) / mean_time / 1000,
                "speedup_img_per_s_vs_full": (mean_images / mean_time) / full["img_per_s"], **shares}
+
+    # The phases above are timed with a sync between them, so they add up even where a
+    # real loop overlaps host work with the GPU. The loop share instead times the same
+    # draw of patch sizes back to back, once loading and cropping every step and once
+    # reusing ready batches; the difference is what data and patches cost the loop.
+    draws = torch.multinomial(torch.tensor(schedule.probs), max(steps * len(rows), 2),
+                              replacement=True, generator=gen).tolist()
+    sequence = [schedule.divisors[k] for k in draws]
+    loop: dict[str, list[float]] = {"fresh": [], "cached": []}
+    for _ in range(3):
+        for mode in loop:
+            t0 = sync()
+            for divisor in sequence:
+                optimise(patches(load(divisor), divisor) if mode == "fresh" else cached[divisor])
+            loop[mode].append((sync() - t0) / len(sequence))
+    fresh, reused = (statistics.median(loop[mode]) for mode in ("fresh", "cached"))
+    summary["loop_sec_per_step"] = fresh
+    summary["loop_data_patches_share"] = (fresh - reused) / fresh
     return {"device": str(device), "batch": config.batch_size, "steps": steps, "rows": rows,
             "precision": config.precision, "compile": config.compile,
-            "channels_last": config.channels_last, "schedule": summary}
+            "channels_last": config.channels_last, "data_on_device": dataset is not host_dataset,
+            "schedule": summary}
 
 
 def format_table(result: dict[str, Any]) -> str:
-    extras = [result["precision"]] + [name for name in ("compile", "channels_last") if result[name]]
+    extras = [result["precision"]] + [name for name in ("compile", "channels_last", "data_on_device")
+                                      if result[name]]
     lines = [f"device {result['device']} ({', '.join(extras)}), base batch {result['batch']}, "
              f"median of {result['steps']} steps",
              f"{'patch':>9} {'p':>5} {'images':>6} {'s/step':>8} {'img/s':>8} {'kpix/s':>8} "
@@ -111,4 +151,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{s['kpix_per_s']:>8.1f} {s['data_share']:>6.1%} {s['patches_share']:>7.1%} "
                  f"{s['step_share']:>6.1%}")
     lines.append(f"schedule vs full images: {s['speedup_img_per_s_vs_full']:.2f}x images/s")
+    lines.append(f"in a pipelined loop ({s['loop_sec_per_step']:.4f} s/step), data + patches add "
+                 f"{s['loop_data_patches_share']:.1%} of step time")
+    lines.append("first step per size (compilation with --compile): "
+                 + ", ".join(f"{r['patch']} {r['first_step_s']:.2f} s" for r in result["rows"]))
     return "\n".join(lines)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from patch_diffusion.devices import to_device
 from patch_diffusion.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -82,9 +83,24 @@ class ImageDataset(torch.utils.data.Dataset):
         assert self._source is not None
         return self._source.decode(int(i), self.channels, self.resolution, self._fit), int(self._labels[i])
 
+    @property
+    def nbytes(self) -> int | None:
+        """Bytes held by in-memory images (None when decoded from files)."""
+        return None if self._images is None else self._images.numel() * self._images.element_size()
+
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """This in-memory dataset with its images and labels on ``device``; batches are
+        then indexed there (indices stay on the host, so the order is the same everywhere)."""
+        if self._images is None:
+            raise ValueError("only in-memory datasets can move to a device")
+        return ImageDataset(name=self.name, labels=self._labels.to(device), num_classes=self.num_classes,
+                            resolution=self.resolution, channels=self.channels,
+                            images=self._images.to(device), fit=self._fit)
+
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if self._images is not None:
+            indices = to_device(indices, self._images.device)
             return self._images[indices], self._labels[indices]
         images = [self[int(i)][0] for i in indices]
         return torch.stack(images), self._labels[indices]

@@ -111,7 +111,7 @@ class InfiniteBatches:
             for indices in batch_index_stream(len(self.dataset), self.batch_size, self.seed,
                                               self.start_batch, self.shuffle):
                 images, labels = self.dataset.get_batch(indices)
-                if self.pin_memory:
+                if self.pin_memory and images.device.type == "cpu":  # not for data kept on a GPU
                     images, labels = images.pin_memory(), labels.pin_memory()
                 yield images, labels
             return
