@@ -57,23 +57,25 @@ def load_pageable(d):
 def patches(x, d):
     return make_patches(x, None, d, gen)
 
-def patches_pageable(x, d):
-    canvas = x.shape[2:]; p = (canvas[0] // d, canvas[1] // d)
-    rows = torch.randint(0, canvas[0] - p[0] + 1, (x.shape[0],), generator=gen)
-    cols = torch.randint(0, canvas[1] - p[1] + 1, (x.shape[0],), generator=gen)
-    off = torch.stack([rows, cols], 1).to(device)
-    return PatchBatch(crop(x, off, p) if d > 1 else x, coordinate_grid(*p, offsets=off, canvas=tuple(canvas), device=device), None, d)
+def crops_at(x, d, off):
+    canvas = tuple(x.shape[2:]); p = (canvas[0] // d, canvas[1] // d)
+    return PatchBatch(crop(x, off, p) if d > 1 else x, coordinate_grid(*p, offsets=off, canvas=canvas, device=device), None, d)
+
+def offset_range(x, d):
+    return x.shape[2] - x.shape[2] // d + 1, x.shape[3] - x.shape[3] // d + 1
+
+def patches_pageable(x, d):  # the code before pinned copies: offsets drawn on the host, plain .to()
+    rows, cols = (torch.randint(0, n, (x.shape[0],), generator=gen) for n in offset_range(x, d))
+    return crops_at(x, d, torch.stack([rows, cols], 1).to(device))
 
 all_images = dataset.get_batch(torch.arange(len(dataset)))[0].to(device)
 def load_resident(d):
     idx = torch.randint(0, all_images.shape[0], (256 * d,), device=device)
     return all_images[idx].to(torch.float32) / 127.5 - 1
 
-def patches_device(x, d):
-    canvas = x.shape[2:]; p = (canvas[0] // d, canvas[1] // d)
-    off = torch.stack([torch.randint(0, canvas[0] - p[0] + 1, (x.shape[0],), device=device),
-                       torch.randint(0, canvas[1] - p[1] + 1, (x.shape[0],), device=device)], 1)
-    return PatchBatch(crop(x, off, p) if d > 1 else x, coordinate_grid(*p, offsets=off, canvas=tuple(canvas), device=device), None, d)
+def patches_device(x, d):  # offsets drawn on the GPU
+    rows, cols = (torch.randint(0, n, (x.shape[0],), device=device) for n in offset_range(x, d))
+    return crops_at(x, d, torch.stack([rows, cols], 1))
 
 t = time.time()
 cached_x, cached = {}, {}

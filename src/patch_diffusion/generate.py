@@ -21,7 +21,7 @@ from .config import SamplerConfig, TrainConfig, from_dict, replace
 from .errors import UserError
 from .model import build_denoiser
 from .precond import EDMPrecond
-from .devices import resolve_device
+from .devices import resolve_device, to_device
 from .samplers import SeededNoise, heun, karras_sigmas
 
 
@@ -81,6 +81,12 @@ def sample(
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8, rounding as EDM does."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def from_uint8(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] on ``device`` (the model's range), copied
+    without making the host wait for the GPU."""
+    return to_device(images, device).to(torch.float32) / 127.5 - 1
 
 
 def encode_png(image: torch.Tensor) -> bytes:

@@ -31,11 +31,11 @@ from .data import ImageDataset, InfiniteBatches, default_num_workers, open_datas
 from .devices import resolve_device, to_device
 from .errors import UserError
 from .evaluate import FIDTracker
-from .generate import sample, save_grid
+from .generate import from_uint8, sample, save_grid
 from .loss import edm_loss
 from .model import build_denoiser
 from .networks.ddpmpp import DDPMpp
-from .patches import PatchSchedule, make_patches, steps_for_duration
+from .patches import PatchBatch, PatchSchedule, make_patches, steps_for_duration
 from .precond import EDMPrecond
 from .runs import RunLog, new_run_dir
 
@@ -178,16 +178,14 @@ def train(
         divisor = schedule.draw(fraction, patch_gen)
         images, labels = _next_images(loader, divisor, state, config.patch.batch_images)
         # Host-side draws travel through pinned memory: no per-step wait for the GPU.
-        images = to_device(images, device).to(torch.float32) / 127.5 - 1
+        images = from_uint8(images, device)
         if config.data.xflip:  # flip the image, keep the coordinates (paper, Sec. 3)
             flip = to_device(torch.rand(images.shape[0], generator=patch_gen) < 0.5, device)
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
         cond = None
         if config.model.network.label_dim:
             cond = torch.nn.functional.one_hot(to_device(labels, device), config.model.network.label_dim).float()
-        batch = make_patches(images, cond, divisor, patch_gen)
-        batch.images = batch.images.contiguous(memory_format=_memory_format(config))
-        batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
+        batch = laid_out(make_patches(images, cond, divisor, patch_gen), config)
 
         lr = step_lr(config, state.step, img_per_step, divisor)
         for group in optimizer.param_groups:
@@ -212,7 +210,10 @@ def train(
         window["loss"] += loss.detach()
         window["steps"] += 1
         window["images"] += batch.images.shape[0]
-        bar.update(min(step_seconds, max(bar.total - bar.n, 0.0)) if limit else 1)  # the last step may overrun
+        if limit:
+            advance(bar, step_seconds)
+        else:
+            bar.update(1)
         over_time = any(t is not None and state.train_seconds >= t for t in (limit, pause))
         done = state.step == total_steps or over_time
         if state.step % every["log"] == 0 or done:
@@ -247,6 +248,12 @@ def time_bar(seconds: float, done: float = 0.0, progress: bool = True, desc: str
                 "[{elapsed}<{remaining}{postfix}]")
 
 
+def advance(bar: tqdm, seconds: float) -> None:
+    """Add a step's seconds to a ``time_bar``, stopping at its total (the last step of a
+    budget usually overruns it)."""
+    bar.update(min(seconds, max(bar.total - bar.n, 0.0)))
+
+
 def data_on_device(dataset: ImageDataset, config: TrainConfig, device: torch.device) -> ImageDataset:
     """The dataset to draw batches from: an in-memory set moves to the GPU when
     ``config.data.on_device`` allows and it takes under a quarter of the free memory.
@@ -260,6 +267,13 @@ def data_on_device(dataset: ImageDataset, config: TrainConfig, device: torch.dev
 
 def _memory_format(config: TrainConfig) -> torch.memory_format:
     return torch.channels_last if config.channels_last else torch.contiguous_format
+
+
+def laid_out(batch: PatchBatch, config: TrainConfig) -> PatchBatch:
+    """``batch`` with crops and coordinates in the memory layout the network runs in."""
+    batch.images = batch.images.contiguous(memory_format=_memory_format(config))
+    batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
+    return batch
 
 
 def compiled(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:

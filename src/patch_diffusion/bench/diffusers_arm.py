@@ -25,10 +25,9 @@ import torch
 from ..config import TrainConfig
 from ..data import InfiniteBatches, open_dataset
 from ..errors import UserError
-from ..generate import to_uint8
+from ..generate import from_uint8, to_uint8
 from ..samplers import SeededNoise
-from ..devices import to_device
-from ..train import autocast_for, data_on_device, time_bar
+from ..train import advance, autocast_for, data_on_device, time_bar
 
 DDIM_STEPS = 50
 BLOCK_CHANNELS = (32, 32, 64)  # 0.76M parameters for 1 channel, about our fmnist-32 net's 0.75M
@@ -91,7 +90,7 @@ def run_diffusers_arm(
         while seconds < budget:
             start = time.monotonic()
             images, _ = next(loader)
-            clean = to_device(images, device).to(torch.float32) / 127.5 - 1
+            clean = from_uint8(images, device)
             noise = torch.randn(clean.shape, device=device, generator=gen)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],),
                               device=device, generator=gen)
@@ -111,7 +110,7 @@ def run_diffusers_arm(
             step += 1
             elapsed = time.monotonic() - start
             seconds += elapsed
-            bar.update(min(elapsed, max(bar.total - bar.n, 0.0)))
+            advance(bar, elapsed)
             if step % 100 == 0:
                 bar.set_postfix(step=step, loss=f"{loss.item():.4f}")
         bar.close()

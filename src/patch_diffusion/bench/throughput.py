@@ -19,12 +19,13 @@ import torch
 
 from ..config import TrainConfig, replace
 from ..data import InfiniteBatches, open_dataset
-from ..devices import resolve_device, to_device
+from ..devices import resolve_device
+from ..generate import from_uint8
 from ..loss import edm_loss
 from ..model import build_denoiser
 from ..patches import PatchBatch, PatchConfig, PatchSchedule, make_patches
 from ..train import (TrainState, _memory_format, _next_images, _update_ema, autocast_for, compiled,
-                     data_on_device, make_optimizer, resolve_config)
+                     data_on_device, laid_out, make_optimizer, resolve_config)
 
 PHASES = ("data", "patches", "step")
 
@@ -59,14 +60,10 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
         return time.perf_counter()
 
     def load(divisor: int) -> torch.Tensor:
-        images, _ = _next_images(loader, divisor, state)
-        return to_device(images, device).to(torch.float32) / 127.5 - 1
+        return from_uint8(_next_images(loader, divisor, state)[0], device)
 
     def patches(images: torch.Tensor, divisor: int) -> PatchBatch:
-        batch = make_patches(images, None, divisor, gen)
-        batch.images = batch.images.contiguous(memory_format=_memory_format(config))
-        batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
-        return batch
+        return laid_out(make_patches(images, None, divisor, gen), config)
 
     def optimise(batch: PatchBatch) -> None:
         optimizer.zero_grad(set_to_none=True)
