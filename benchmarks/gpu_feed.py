@@ -19,10 +19,11 @@ import torch
 from patch_diffusion.config import get_preset, replace, with_data
 from patch_diffusion.data import InfiniteBatches, open_dataset
 from patch_diffusion.devices import to_device
-from patch_diffusion.loss import edm_loss
+from patch_diffusion.loss import denoising_loss
 from patch_diffusion.model import build_denoiser
 from patch_diffusion.patches import PatchBatch, PatchSchedule, make_patches, crop, coordinate_grid
-from patch_diffusion.train import TrainState, _next_images, _update_ema, autocast_for, compiled, make_optimizer, resolve_config
+from patch_diffusion.step import TrainState, autocast_for, compiled, make_optimizer, next_images, update_ema
+from patch_diffusion.train import resolve_config
 
 compile_ = "--compile" in sys.argv
 device = torch.device("cuda")
@@ -45,14 +46,14 @@ state = TrainState()
 def optimise(b):
     opt.zero_grad(set_to_none=True)
     with autocast:
-        loss = edm_loss(step_net, b.images, b.pos, None, config.loss, ngen)
-    loss.backward(); opt.step(); _update_ema(ema, net, config, 1e6, 1.0)
+        loss = denoising_loss(step_net, b.images, b.pos, None, config.loss, ngen, precond=net)
+    loss.backward(); opt.step(); update_ema(ema, net, config, 1e6, 1.0)
 
 def load_pinned(d):
-    return to_device(_next_images(loader, d, state)[0], device).to(torch.float32) / 127.5 - 1
+    return to_device(next_images(loader, d, state)[0], device).to(torch.float32) / 127.5 - 1
 
 def load_pageable(d):
-    return _next_images(loader, d, state)[0].to(device).to(torch.float32) / 127.5 - 1
+    return next_images(loader, d, state)[0].to(device).to(torch.float32) / 127.5 - 1
 
 def patches(x, d):
     return make_patches(x, None, d, gen)

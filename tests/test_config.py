@@ -21,7 +21,7 @@ def test_foreign_config_is_rejected():
 
 
 def test_step_lr_warms_up_and_scales_patch_steps():
-    from patch_diffusion.train import step_lr
+    from patch_diffusion.step import step_lr
     config = TrainConfig(lr=1e-3, lr_warmup_kimg=1.0, patch_lr_scale=2.0)
     assert step_lr(config, 0, 100.0, 1) == pytest.approx(1e-4)  # 100 of 1000 warm-up images
     assert step_lr(config, 0, 100.0, 4) == pytest.approx(2e-4)

@@ -4,11 +4,14 @@ import torch
 from torch import nn
 
 from patch_diffusion.loss import LossConfig, edm_loss
+from patch_diffusion.precond import EDMConfig, EDMPrecond
 
 
-class Recorder(nn.Module):
+class Recorder(EDMPrecond):
+    """EDM's noise distribution and weight, with a denoiser that records its sigmas."""
+
     def __init__(self, output=None):
-        super().__init__()
+        super().__init__(nn.Identity(), 1, EDMConfig())
         self.output = output
         self.sigmas = []
 

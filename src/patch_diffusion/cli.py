@@ -8,8 +8,18 @@ from typing import Any
 
 import click
 
-from .config import PRESETS, RECIPES, TrainConfig, apply_recipe, get_preset, replace, to_json, with_data
+from .config import (PRESETS, RECIPES, TrainConfig, apply_model_options, apply_recipe, get_preset,
+                     replace, to_json, with_data)
 from .errors import UserError
+from .networks import BACKBONES
+from .precond import PRECONDS
+from .samplers import SAMPLERS
+
+_backbone_option = click.option("--backbone", type=click.Choice(list(BACKBONES)), help="Denoiser network: " + "; ".join(f"{k}: {v.description}" for k, v in BACKBONES.items()) + ".")
+_precond_option = click.option("--precond", type=click.Choice(list(PRECONDS)), help="Preconditioning with its training noise and loss weight (EDM Table 1): " + "; ".join(f"{k}: {v.description}" for k, v in PRECONDS.items()) + ".")
+_channels_option = click.option("--channels", type=int, help="Network base channel count.")
+_sampler_option = click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (Karras sigmas): " + "; ".join(f"{k}: {v.description}" for k, v in SAMPLERS.items()) + ".")
+_guidance_option = click.option("--guidance", type=float, help="Classifier-free guidance weight for conditional models (1 = plain conditional; null label = all zeros).")
 
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
@@ -50,10 +60,11 @@ def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
     data = replace(config.data, resolution=_resolution(o["resolution"]),
                    fit=o["fit"], max_images=o["max_images"], xflip=o["xflip"], cond=o["cond"],
                    num_workers=o["workers"], on_device=o["data_on_device"])
-    network = replace(config.model.network, model_channels=o["channels"],
-                      channel_mult=_ints(o["channel_mult"], "--channel-mult"),
-                      num_blocks=o["blocks"], attn_resolutions=_ints(o["attn"], "--attn"),
-                      dropout=o["dropout"], label_dropout=o["label_dropout"])
+    config = apply_model_options(
+        config, backbone=o["backbone"], backbone_from=o["backbone_from"], precond=o["precond"],
+        model_channels=o["channels"], channel_mult=_ints(o["channel_mult"], "--channel-mult"),
+        num_blocks=o["blocks"], attn_resolutions=_ints(o["attn"], "--attn"), dropout=o["dropout"],
+        label_dropout=o["label_dropout"])
     if o["recipe"]:
         config = apply_recipe(config, o["recipe"])
     patch = replace(config.patch, schedule=o["schedule"], real_p=o["real_p"],
@@ -61,11 +72,11 @@ def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
                     probs=_floats(o["patch_probs"], "--patch-probs"),
                     real_p_end=o["real_p_end"], batch_images=o["batch_images"])
     return replace(
-        config, data=data, model=replace(config.model, network=network), patch=patch,
+        config, data=data, patch=patch,
         loss=replace(config.loss, reduction=o["loss_reduction"],
                      patch_P_mean_shift=o["patch_noise_shift"]),
         patch_lr_scale=o["patch_lr_scale"], compile=o["compile"], channels_last=o["channels_last"],
-        sampler=replace(config.sampler, num_steps=o["steps"]),
+        sampler=replace(config.sampler, num_steps=o["steps"], name=o["sampler"]),
         batch_size=o["batch"], duration_kimg=o["duration"], max_minutes=o["minutes"], lr=o["lr"],
         lr_warmup_kimg=o["warmup"], ema_halflife_kimg=o["ema"], seed=o["seed"], device=o["device"],
         precision=o["precision"], checkpoint_kimg=o["checkpoint_every"],
@@ -82,6 +93,10 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             click.secho(f"error: {exc}", err=True, fg="red")
+            sys.exit(2)
+        except click.UsageError as exc:  # a bad option value, e.g. an unknown --backbone name
+            where = f"'{exc.ctx.command_path} --help'" if exc.ctx else "--help"
+            click.secho(f"error: {exc.format_message()} (see {where})", err=True, fg="red")
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; checkpoints written so far are intact (resume with --resume latest)", err=True)
@@ -125,8 +140,11 @@ def main() -> None:
 @click.option("--warmup", type=float, help="Learning-rate warm-up length in kimg.")
 @click.option("--ema", type=float, help="EMA half-life in kimg.")
 @click.option("--dropout", type=float, help="Dropout probability in the network.")
-@click.option("--label-dropout", type=float, help="With --cond: probability of dropping labels (for classifier-free guidance).")
-@click.option("--channels", type=int, help="Network base channel count.")
+@click.option("--label-dropout", type=float, help="With --cond: probability of training on the null label instead (for classifier-free guidance, e.g. 0.1).")
+@_backbone_option
+@click.option("--backbone-from", type=click.Path(file_okay=False), help="Start from a local diffusers UNet2DModel folder (config.json + safetensors); implies --backbone unet2d.")
+@_precond_option
+@_channels_option
 @click.option("--channel-mult", help="Channel multipliers per resolution level, e.g. 1,2,2.")
 @click.option("--blocks", type=int, help="Residual blocks per level.")
 @click.option("--attn", help="Resolutions with self-attention, e.g. 16 (none for no attention).")
@@ -140,6 +158,7 @@ def main() -> None:
 @click.option("--sample-every", type=float, help="Sample-grid interval in kimg.")
 @click.option("--keep", type=int, help="Keep the newest N checkpoints (0 = all).")
 @click.option("--steps", type=int, help="Sampler steps for the periodic grids.")
+@_sampler_option
 @click.option("--workers", type=int, help="Data-loading worker processes (default: automatic).")
 @click.option("--data-on-device/--no-data-on-device", default=None, help="Keep in-memory data on the GPU when it fits in a quarter of free memory (default on).")
 @click.option("--fid-every", type=float, help="Periodic FID interval in kimg (logged to stats.jsonl).")
@@ -175,25 +194,32 @@ def train(**o: Any) -> None:
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,9; one image each.")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="Images per sampling batch.")
-@click.option("--steps", type=click.IntRange(min=1), help="Heun steps (default: the run's, usually 18).")
-@click.option("--churn", "S_churn", type=float, help="Stochasticity S_churn (0 = deterministic ODE).")
-@click.option("--s-min", "S_min", type=float, help="Churn only at sigma >= S_min.")
-@click.option("--s-max", "S_max", type=float, help="Churn only at sigma <= S_max.")
-@click.option("--s-noise", "S_noise", type=float, help="Churn noise inflation S_noise.")
-@click.option("--class", "class_label", type=int, help="Class to generate (conditional models).")
+@click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: the run's, usually 18).")
+@_sampler_option
+@click.option("--churn", "S_churn", type=float, help="Heun: stochasticity S_churn (0 = deterministic ODE).")
+@click.option("--s-min", "S_min", type=float, help="Heun: churn only at sigma >= S_min.")
+@click.option("--s-max", "S_max", type=float, help="Heun: churn only at sigma <= S_max.")
+@click.option("--s-noise", "S_noise", type=float, help="Heun's churn noise inflation; euler-ancestral's noise scale.")
+@click.option("--eta", type=float, help="euler-ancestral: ancestral noise (0 = plain Euler, 1 = full).")
+@_guidance_option
+@click.option("--class", "class_label", type=int, help="Class to generate (conditional models; default: drawn per seed).")
 @click.option("--grid/--no-grid", default=True, show_default=True, help="Also write grid.png.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 def generate(checkpoint: str, outdir: str, seeds: str, batch: int, steps: int | None,
-             S_churn: float | None, S_min: float | None, S_max: float | None, S_noise: float | None,
+             sampler: str | None, S_churn: float | None, S_min: float | None, S_max: float | None,
+             S_noise: float | None, eta: float | None, guidance: float | None,
              class_label: int | None, grid: bool, device: str) -> None:
     """Generate images from a checkpoint, one PNG per seed."""
     from .generate import generate_to_folder, parse_seeds
 
     seed_list = parse_seeds(seeds)
-    changes = dict(num_steps=steps, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
-    written = generate_to_folder(checkpoint, outdir, seed_list, sampler_changes=changes, batch_size=batch,
-                                 device=device, grid=grid, class_label=class_label)
+    changes = dict(name=sampler, num_steps=steps, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                   S_noise=S_noise, eta=eta, guidance=guidance)
+    written, nfe = generate_to_folder(checkpoint, outdir, seed_list, sampler_changes=changes,
+                                      batch_size=batch, device=device, grid=grid, class_label=class_label)
+    passes = " (each a conditional and a null pass: --guidance)" if guidance not in (None, 1.0) else ""
     click.echo(f"wrote {len(seed_list)} images to {outdir}" + (f" (grid: {written[-1]})" if grid else ""))
+    click.echo(f"{nfe} network evaluations per image{passes}")
 
 
 @main.command()
@@ -266,7 +292,9 @@ def fid_ref(data: str, out: str, num: int | None, resolution: str | None, fit: s
 @click.option("--ref", required=True, type=click.Path(dir_okay=False), help="Reference .npz from 'fid ref'.")
 @click.option("--num", type=click.IntRange(min=2), help="Images to score (with --checkpoint: to generate; default 10000).")
 @click.option("--seeds", help="With --checkpoint: seeds to generate (default 0..num-1).")
-@click.option("--steps", type=click.IntRange(min=1), help="With --checkpoint: Heun steps (default: the run's).")
+@click.option("--steps", type=click.IntRange(min=1), help="With --checkpoint: sampler steps (default: the run's).")
+@_sampler_option
+@_guidance_option
 @click.option("--resolution", help="With --images: bring images to this size first (32 or HxW).")
 @click.option("--fit", type=click.Choice(["none", "resize", "center-crop", "pad"]), default="none", show_default=True)
 @click.option("--kid", "with_kid", is_flag=True, help="Also compute KID (needs reference features).")
@@ -276,7 +304,7 @@ def fid_ref(data: str, out: str, num: int | None, resolution: str | None, fit: s
 @click.option("--device", default="auto", show_default=True)
 @_inception_option
 def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | None, seeds: str | None,
-             steps: int | None, resolution: str | None, fit: str, with_kid: bool, with_pr: bool,
+             steps: int | None, sampler: str | None, guidance: float | None, resolution: str | None, fit: str, with_kid: bool, with_pr: bool,
              as_json: bool, batch: int, device: str, inception: str | None) -> None:
     """Score images (a folder, zip or name) or a checkpoint's samples against reference statistics."""
     import json
@@ -295,8 +323,11 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
         denoiser, run_config = load_denoiser(checkpoint, dev)
         size = run_config.model.resolution
         check_compatible(reference, size, ref)
-        sampler = replace(run_config.sampler, num_steps=steps)
-        feats = model_features(denoiser, size, seed_list, sampler, batch_size=batch, device=dev,
+        if guidance not in (None, 1.0) and not denoiser.label_dim:
+            raise UserError("--guidance needs a class-conditional model (trained with --cond and "
+                            "--label-dropout); drop --guidance for this one")
+        settings = replace(run_config.sampler, num_steps=steps, name=sampler, guidance=guidance)
+        feats = model_features(denoiser, size, seed_list, settings, batch_size=batch, device=dev,
                                net=load_inception(inception, dev))
         source = checkpoint
     else:
@@ -336,6 +367,9 @@ def bench() -> None:
 @click.option("--subset", type=click.IntRange(min=1), help="Train on the first N images only (the small-data claim).")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and optimiser recipe: {', '.join(PRESETS)}.")
 @click.option("--batch", type=click.IntRange(min=1), help="Base batch size for every arm (default: the preset's).")
+@_backbone_option
+@_precond_option
+@_channels_option
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help="bf16 autocast for every arm (for GPUs).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the patch arms' network.")
 @click.option("--ref-data", help="Reference images (default: the test split of a built-in set, else --data).")
@@ -345,6 +379,7 @@ def bench() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted benchmark in --out.")
 def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num: int, arms: str,
                       p_values: str | None, subset: int | None, preset: str, batch: int | None,
+                      backbone: str | None, precond: str | None, channels: int | None,
                       precision: str, compile_: bool, ref_data: str | None,
                       ref_num: int | None, seed: int, device: str, resume: bool) -> None:
     """Train each arm for the same time, one after another, and compare FID over time."""
@@ -356,8 +391,8 @@ def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num:
     config = BenchConfig(
         data=data, minutes=minutes, points=points, fid_num=fid_num,
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()), p_values=_floats(p_values, "--p") or (),
-        subset=subset, preset=preset, batch=batch, precision=precision, compile=compile_,
-        ref_data=ref_data, ref_num=ref_num, seed=seed, device=device)
+        subset=subset, preset=preset, batch=batch, backbone=backbone, precond=precond,
+        channels=channels, precision=precision, compile=compile_, ref_data=ref_data, ref_num=ref_num, seed=seed, device=device)
     get_preset(preset)  # an unknown preset fails before any work
     run_time_to_fid(config, Path(out), resume=resume)
     click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_time.png'}")
@@ -384,6 +419,9 @@ def bench_report(out: str) -> None:
 @click.option("--data", default="fashion-mnist", show_default=True, help="Training data: folder, zip or built-in name.")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and batch: {', '.join(PRESETS)}.")
 @click.option("--batch", type=click.IntRange(min=1), help="Base batch size (default: the preset's).")
+@_backbone_option
+@_precond_option
+@_channels_option
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timed steps per patch size.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first, per patch size (compilation happens here).")
 @click.option("--device", default="auto", show_default=True)
@@ -391,7 +429,8 @@ def bench_report(out: str) -> None:
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network.")
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench_throughput(data: str, preset: str, batch: int | None, steps: int, warmup: int, device: str,
+def bench_throughput(data: str, preset: str, batch: int | None, backbone: str | None,
+                     precond: str | None, channels: int | None, steps: int, warmup: int, device: str,
                      precision: str | None, compile_: bool | None, channels_last: bool | None,
                      as_json: bool) -> None:
     """Training img/s and kpixel/s per patch size and for the schedule; where step time goes."""
@@ -399,8 +438,10 @@ def bench_throughput(data: str, preset: str, batch: int | None, steps: int, warm
 
     from .bench import format_table, run_throughput
 
-    config = replace(with_data(get_preset(preset), data), batch_size=batch, device=device,
-                     precision=precision, compile=compile_, channels_last=channels_last)
+    config = apply_model_options(with_data(get_preset(preset), data), backbone=backbone,
+                                 precond=precond, model_channels=channels)
+    config = replace(config, batch_size=batch, device=device, precision=precision, compile=compile_,
+                     channels_last=channels_last)
     result = run_throughput(config, steps=steps, warmup=warmup)
     click.echo(json.dumps(result) if as_json else format_table(result))
 

@@ -7,6 +7,7 @@ checkpoint, so a checkpoint alone is enough to rebuild the model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -16,8 +17,11 @@ from typing import Any, Literal
 
 from .errors import UserError
 from .loss import LossConfig
-from .networks.ddpmpp import DDPMppConfig
+from .networks import DDPMppConfig, get_backbone
 from .patches import PatchConfig
+from .precond import EDMConfig, get_precond
+
+CONFIG_VERSION = 2  # 1: before component registries (DDPM++ and EDM only)
 
 
 @dataclass(frozen=True)
@@ -37,24 +41,105 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The denoiser: a registered backbone inside a registered preconditioning.
+
+    ``backbone`` / ``precond`` name registry entries (``networks.BACKBONES``,
+    ``precond.PRECONDS``); ``backbone_config`` / ``precond_config`` are those entries'
+    typed configs, rebuilt by name when a config is read back from JSON.
+    """
+
     resolution: tuple[int, int] | None = None  # filled from the data when None
     channels: int | None = None  # image channels; filled from the data when None
-    sigma_data: float = 0.5
-    network: DDPMppConfig = field(default_factory=DDPMppConfig)  # label_dim: classes, 0 = none
+    backbone: str = "ddpmpp"
+    backbone_config: Any = field(default_factory=DDPMppConfig, metadata={"registry": "backbone"})
+    precond: str = "edm"
+    precond_config: Any = field(default_factory=EDMConfig, metadata={"registry": "precond"})
+    label_dim: int = 0  # classes; 0 = unconditional (filled from the data with --cond)
+    label_dropout: float = 0.0  # prob. of the null (all-zero) label in training, for guidance
+
+    def __post_init__(self) -> None:
+        for kind, name, value in (("backbone", self.backbone, self.backbone_config),
+                                  ("precond", self.precond, self.precond_config)):
+            expected = _registry(kind)(name).config
+            if not isinstance(value, expected):
+                raise UserError(f"--{kind} {name} takes a {expected.__name__}, got a "
+                                f"{type(value).__name__}; switch components with with_backbone/with_precond")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise UserError(f"--label-dropout must lie in [0, 1], got {self.label_dropout}")
+
+
+def _registry(kind: str) -> Any:
+    return {"backbone": get_backbone, "precond": get_precond}[kind]
+
+
+# Architecture options every built-in backbone shares; they carry over when the backbone changes.
+SHARED_NETWORK_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+
+
+def with_backbone(model: ModelConfig, name: str | None) -> ModelConfig:
+    """``model`` with another backbone, keeping the shared architecture options."""
+    if name is None or name == model.backbone:
+        return model
+    config_cls = get_backbone(name).config
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    shared = {k: getattr(model.backbone_config, k) for k in SHARED_NETWORK_FIELDS
+              if k in names and hasattr(model.backbone_config, k)}
+    return dataclasses.replace(model, backbone=name, backbone_config=config_cls(**shared))
+
+
+def with_precond(model: ModelConfig, name: str | None) -> ModelConfig:
+    """``model`` with another preconditioning at its default settings."""
+    if name is None or name == model.precond:
+        return model
+    return dataclasses.replace(model, precond=name, precond_config=get_precond(name).config())
+
+
+def apply_model_options(
+    config: TrainConfig,
+    *,
+    backbone: str | None = None,
+    backbone_from: str | None = None,
+    precond: str | None = None,
+    label_dropout: float | None = None,
+    **network: Any,
+) -> TrainConfig:
+    """``config`` with the given component choices and shared network options
+    (``SHARED_NETWORK_FIELDS``; None = keep). ``backbone_from`` starts a diffusers
+    UNet2DModel from a local folder and implies the ``unet2d`` backbone."""
+    if backbone_from:
+        if backbone not in (None, "unet2d"):
+            raise UserError(f"--backbone-from loads a diffusers UNet2DModel folder; drop --backbone "
+                            f"{backbone} or use --backbone unet2d")
+        backbone = "unet2d"
+    model = with_precond(with_backbone(config.model, backbone), precond)
+    if backbone_from:
+        from .networks.unet2d import unet2d_config_from_folder
+
+        sized = [k for k, v in network.items() if v is not None and k != "dropout"]
+        if sized:
+            raise UserError(f"a pretrained UNet keeps its own architecture; drop the size options "
+                            f"({', '.join(sized)}) when using --backbone-from")
+        model = replace(model, backbone_config=unet2d_config_from_folder(backbone_from))
+    model = replace(model, backbone_config=replace(model.backbone_config, **network),
+                    label_dropout=label_dropout)
+    return replace(config, model=model)
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """EDM's sampler settings (Karras et al. 2022, Table 1 and Algorithm 2)."""
+    """Sampler settings (Karras et al. 2022, Table 1 and Algorithm 2; ``samplers.SAMPLERS``)."""
 
+    name: str = "heun"  # a samplers.SAMPLERS name: euler, heun, dpmpp-2m, euler-ancestral
     num_steps: int = 18
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float | None = None  # None = the preconditioning's default range
+    sigma_max: float | None = None
     rho: float = 7.0
-    S_churn: float = 0.0
+    S_churn: float = 0.0  # heun only: EDM's stochastic churn
     S_min: float = 0.0
     S_max: float | None = None  # None = no upper bound
-    S_noise: float = 1.0
+    S_noise: float = 1.0  # heun's churn noise; euler-ancestral's noise scale
+    eta: float = 1.0  # euler-ancestral: 0 = deterministic Euler, 1 = full ancestral noise
+    guidance: float = 1.0  # classifier-free guidance weight; 1 = the plain conditional model
 
 
 @dataclass(frozen=True)
@@ -87,6 +172,7 @@ class TrainConfig:
     fid_every_kimg: float | None = None  # periodic FID during training (needs fid_ref)
     fid_ref: str | None = None  # reference statistics (.npz from 'patch-diffusion fid ref')
     fid_num: int = 1000  # generated images per periodic FID
+    version: int = CONFIG_VERSION  # of this config's layout (older layouts are migrated)
 
 
 def _tiny() -> TrainConfig:
@@ -94,7 +180,7 @@ def _tiny() -> TrainConfig:
     return TrainConfig(
         preset="tiny",
         data=DataConfig(path="fashion-mnist", resolution=(32, 32), fit="pad", max_images=512),
-        model=ModelConfig(network=DDPMppConfig(
+        model=ModelConfig(backbone_config=DDPMppConfig(
             model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=())),
         batch_size=8,
         duration_kimg=0.1,
@@ -116,7 +202,7 @@ def _fmnist32() -> TrainConfig:
     return TrainConfig(
         preset="fmnist-32",
         data=DataConfig(path="fashion-mnist", resolution=(32, 32), fit="pad"),
-        model=ModelConfig(network=DDPMppConfig(
+        model=ModelConfig(backbone_config=DDPMppConfig(
             model_channels=16, channel_mult=(1, 2, 4), num_blocks=1, attn_resolutions=())),
         batch_size=32,
         duration_kimg=150.0,
@@ -135,7 +221,7 @@ def _celeba64() -> TrainConfig:
     return TrainConfig(
         preset="celeba-64",
         data=DataConfig(path="celeba", resolution=(64, 64), fit="center-crop"),
-        model=ModelConfig(network=DDPMppConfig(
+        model=ModelConfig(backbone_config=DDPMppConfig(
             model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=4,
             attn_resolutions=(16,), dropout=0.05)),
         batch_size=256,
@@ -200,18 +286,58 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (nested) config dataclass from its ``to_dict`` form.
 
     Unknown keys are an error, so a config from another program is not misread;
-    missing keys take their defaults, so older run folders still load.
+    missing keys take their defaults, so older run folders still load. A component's
+    config (``metadata={"registry": kind}``) is rebuilt as the class its registry
+    entry names, and a ``TrainConfig`` written before the registries is migrated first.
     """
+    if cls is TrainConfig:
+        data = migrate(data)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
     if unknown:
         raise UserError(
             f"config has unknown fields {sorted(unknown)} for {cls.__name__}; "
             "was it written by another version of patch-diffusion?"
         )
-    kwargs = {key: _convert(hints[key], value) for key, value in data.items()}
+    kwargs = {}
+    for key, value in data.items():
+        kind = fields[key].metadata.get("registry")
+        if kind is not None and isinstance(value, dict):
+            name = data.get(kind, fields[kind].default)
+            kwargs[key] = from_dict(_registry(kind)(name).config, value)
+        else:
+            kwargs[key] = _convert(hints[key], value)
     return cls(**kwargs)
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 run config (DDPM++ and EDM built in) in today's form.
+
+    Version 1 kept label_dim/label_dropout inside the network's options, sigma_data on
+    the model and EDM's P_mean/P_std on the loss; its DDPM++ used scale-shift
+    conditioning with exactly-zero final layers (``adaptive_scale=True, init_zero=0``).
+    """
+    model = data.get("model", {})
+    if "network" not in model:
+        return data
+    data = copy.deepcopy(data)
+    model, loss = data["model"], data.get("loss", {})
+    network = model.pop("network")
+    model["label_dim"] = network.pop("label_dim", 0)
+    model["label_dropout"] = network.pop("label_dropout", 0.0)
+    model["backbone"] = "ddpmpp"
+    model["backbone_config"] = {**network, "adaptive_scale": True, "init_zero": 0.0}
+    edm = {"sigma_data": model.pop("sigma_data", loss.get("sigma_data", 0.5))}
+    for key in ("P_mean", "P_std"):
+        if key in loss:
+            edm[key] = loss[key]
+    for key in ("P_mean", "P_std", "sigma_data"):
+        loss.pop(key, None)
+    model["precond"] = "edm"
+    model["precond_config"] = edm
+    data["version"] = CONFIG_VERSION
+    return data
 
 
 def _convert(hint: Any, value: Any) -> Any:

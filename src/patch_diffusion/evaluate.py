@@ -24,7 +24,7 @@ from .generate import sample
 from .metrics import (FeatureStats, InceptionV3, compute_features, dataset_batches,
                       frechet_distance, kid, load_inception, load_reference, precision_recall,
                       save_reference, stats_from_features)
-from .precond import EDMPrecond
+from .precond import Precond
 
 
 def make_reference(
@@ -70,7 +70,7 @@ def image_features(
 
 
 def model_features(
-    denoiser: EDMPrecond,
+    denoiser: Precond,
     resolution: tuple[int, int],
     seeds: list[int],
     sampler: SamplerConfig,
@@ -132,7 +132,7 @@ class FIDTracker:
         self.inception_path = inception
         self._net: InceptionV3 | None = None
 
-    def __call__(self, denoiser: EDMPrecond, sampler: SamplerConfig) -> float:
+    def __call__(self, denoiser: Precond, sampler: SamplerConfig) -> float:
         if self._net is None:
             self._net = load_inception(self.inception_path, self.device)
         feats = model_features(denoiser, self.resolution, list(range(self.num)), sampler,

@@ -11,41 +11,42 @@ import os
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, unprefixed
 from .config import SamplerConfig, TrainConfig, from_dict, replace
-from .errors import UserError
-from .model import build_denoiser
-from .precond import EDMPrecond
 from .devices import resolve_device, to_device
-from .samplers import SeededNoise, heun, karras_sigmas
+from .errors import UserError
+from .guidance import guided, seed_labels
+from .model import build_denoiser
+from .precond import Precond
+from .samplers import SeededNoise, count_calls, get_sampler, karras_sigmas
 
 
 def load_denoiser(path: str | os.PathLike, device: torch.device,
-                  weights: str = "ema") -> tuple[EDMPrecond, TrainConfig]:
-    """The denoiser (EMA weights by default) and the run config stored in a checkpoint."""
+                  weights: str = "ema") -> tuple[Precond, TrainConfig]:
+    """The denoiser (EMA weights by default) and the run config stored in a checkpoint:
+    the backbone and preconditioning it names, rebuilt from their recorded configs."""
     tensors, meta = load_checkpoint(path)
-    if meta.get("backbone", "ddpmpp") != "ddpmpp":
+    config = from_dict(TrainConfig, meta["config"])
+    if meta.get("backbone", config.model.backbone) != config.model.backbone:
         raise UserError(f"'{path}' holds a custom backbone ({meta['backbone']}); build that network "
                         "in Python and load the weights with patch_diffusion.load_weights")
-    config = from_dict(TrainConfig, meta["config"])
     net = build_denoiser(config.model)
     _load_state(net, unprefixed(weights, tensors), path)
     return net.to(device).eval().requires_grad_(False), config
 
 
-def load_weights(denoiser: EDMPrecond, path: str | os.PathLike, weights: str = "ema") -> EDMPrecond:
+def load_weights(denoiser: Precond, path: str | os.PathLike, weights: str = "ema") -> Precond:
     """Load a checkpoint's weights ('ema' or 'net') into a denoiser you built yourself."""
     tensors, _ = load_checkpoint(path)
     _load_state(denoiser, unprefixed(weights, tensors), path)
     return denoiser
 
 
-def _load_state(net: EDMPrecond, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def _load_state(net: Precond, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     try:
         net.load_state_dict(state)
     except RuntimeError:
@@ -53,28 +54,62 @@ def _load_state(net: EDMPrecond, state: dict[str, torch.Tensor], path: str | os.
                         "options the run was trained with") from None
 
 
+def sampler_sigmas(net: Precond, sampler: SamplerConfig) -> torch.Tensor:
+    """Karras et al.'s schedule over the sampler's sigma range, by default the
+    preconditioning's own (EDM 0.002-80, VP sigma(1e-3)-sigma(1), VE 0.02-100)."""
+    lo, hi = net.sigma_range if hasattr(net, "sigma_range") else (0.002, 80.0)
+    return karras_sigmas(sampler.num_steps, lo if sampler.sigma_min is None else sampler.sigma_min,
+                         hi if sampler.sigma_max is None else sampler.sigma_max, sampler.rho)
+
+
+_OPTION_FLAGS = {"S_churn": "--churn", "S_min": "--s-min", "S_max": "--s-max", "eta": "--eta"}
+
+
+def check_sampler_changes(name: str, changes: dict) -> None:
+    """Options given for another sampler than ``name``: say so instead of ignoring them."""
+    takes = get_sampler(name).options
+    stray = [flag for key, flag in _OPTION_FLAGS.items()
+             if changes.get(key) is not None and key not in takes]
+    if stray:
+        raise UserError(f"{', '.join(stray)} do not apply to the {name} sampler; drop them or pick "
+                        "a sampler that takes them (heun: --churn/--s-min/--s-max; euler-ancestral: --eta)")
+
+
+def sampler_options(sampler: SamplerConfig) -> dict[str, float]:
+    """The sampler config's options that the chosen sampler takes."""
+    every = {"S_churn": sampler.S_churn, "S_min": sampler.S_min,
+             "S_max": math.inf if sampler.S_max is None else sampler.S_max,
+             "S_noise": sampler.S_noise, "eta": sampler.eta, "s_noise": sampler.S_noise}
+    return {k: v for k, v in every.items() if k in get_sampler(sampler.name).options}
+
+
 @torch.no_grad()
 def sample(
-    net: EDMPrecond,
+    net: Precond,
     seeds: list[int],
     sampler: SamplerConfig,
     resolution: tuple[int, int],
     device: torch.device,
     class_labels: torch.Tensor | None = None,
+    class_label: int | None = None,
+    counter: list[int] | None = None,
 ) -> torch.Tensor:
-    """Generate one image per seed as uint8 [N, C, H, W] with EDM's Heun sampler."""
+    """Generate one image per seed as uint8 [N, C, H, W] with the configured sampler.
+
+    A conditional model gets ``class_labels`` [N, label_dim], else every seed gets
+    ``class_label``, else a class drawn from its seed; ``sampler.guidance`` applies.
+    ``counter`` (a one-element list) accumulates the network evaluations used.
+    """
     noise = SeededNoise(seeds, device)
     latents = noise.randn((net.image_channels, *resolution))
-    sigmas = karras_sigmas(sampler.num_steps, sampler.sigma_min, sampler.sigma_max, sampler.rho)
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return net(x, sigma, class_labels)
-
-    x = heun(
-        denoise, latents, sigmas, randn_like=noise.randn_like, S_churn=sampler.S_churn,
-        S_min=sampler.S_min, S_max=math.inf if sampler.S_max is None else sampler.S_max,
-        S_noise=sampler.S_noise,
-    )
+    label_dim = getattr(net, "label_dim", 0)
+    if label_dim and class_labels is None:
+        class_labels = seed_labels(seeds, label_dim, class_label, device)
+    denoise = count_calls(guided(net, class_labels, sampler.guidance))
+    x = get_sampler(sampler.name)(denoise, latents, sampler_sigmas(net, sampler),
+                                  randn_like=noise.randn_like, **sampler_options(sampler))
+    if counter is not None:
+        counter[0] += denoise.calls
     return to_uint8(x)
 
 
@@ -149,32 +184,32 @@ def generate_to_folder(
     grid: bool = True,
     class_label: int | None = None,
     progress: bool = True,
-) -> list[Path]:
-    """Write seed{NNNNNN}.png for each seed (and grid.png); returns the written paths.
+) -> tuple[list[Path], int]:
+    """Write seed{NNNNNN}.png for each seed (and grid.png); returns the written paths and
+    the network evaluations per image.
 
     ``sampler_changes`` overrides fields of the run's own sampler settings.
     """
     dev = resolve_device(device)
     net, config = load_denoiser(checkpoint, dev)
     sampler = replace(config.sampler, **(sampler_changes or {}))  # unset (None) options keep the run's
+    check_sampler_changes(sampler.name, sampler_changes or {})  # before any file is written
+    if not net.label_dim and class_label is not None:
+        raise UserError("this model was trained without class labels; drop --class")
+    if not net.label_dim and sampler.guidance != 1.0:
+        raise UserError("--guidance needs a class-conditional model (trained with --cond and "
+                        "--label-dropout); drop --guidance for this one")
+    if net.label_dim and class_label is not None and not 0 <= class_label < net.label_dim:
+        raise UserError(f"--class {class_label} is out of range; this model has classes 0-{net.label_dim - 1}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    labels = None
-    if net.label_dim:
-        if class_label is not None and not 0 <= class_label < net.label_dim:
-            raise UserError(f"--class {class_label} is out of range; this model has classes 0-{net.label_dim - 1}")
-    elif class_label is not None:
-        raise UserError("this model was trained without class labels; drop --class")
     written: list[Path] = []
     kept: list[torch.Tensor] = []
+    counter = [0]
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-        if net.label_dim:
-            # Per seed: the requested class, or one drawn from the seed (reproducible).
-            idx = torch.tensor([class_label if class_label is not None else
-                                int(np.random.default_rng(s).integers(net.label_dim)) for s in batch])
-            labels = torch.nn.functional.one_hot(idx, net.label_dim).float().to(dev)
-        images = sample(net, batch, sampler, config.model.resolution, dev, labels)
+        images = sample(net, batch, sampler, config.model.resolution, dev, class_label=class_label,
+                        counter=counter)
         for seed, image in zip(batch, images):
             path = outdir / f"seed{seed:06d}.png"
             atomic_write_bytes(path, encode_png(image))
@@ -184,4 +219,4 @@ def generate_to_folder(
     if grid:
         written.append(save_grid(torch.cat(kept)[:256], outdir / "grid.png",
                                  scale=max(1, 64 // max(config.model.resolution))))
-    return written
+    return written, counter[0] // max(len(batches), 1)

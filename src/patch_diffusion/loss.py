@@ -1,8 +1,11 @@
-"""EDM's denoising loss (Karras et al. 2022, Sec. 5) applied to patches.
+"""The denoising loss (Karras et al. 2022, Sec. 5 and Table 1) applied to patches.
 
-    ln(sigma) ~ N(P_mean, P_std^2),  n ~ N(0, sigma^2 I)
-    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2
+    sigma ~ the preconditioning's training distribution,  n ~ N(0, sigma^2 I)
     L = lambda(sigma) * || D(y + n; sigma, pos) - y ||^2
+
+The distribution of sigma and the weight lambda(sigma) belong to the preconditioning
+(``precond.py``: EDM's log-normal, VP's uniform time, VE's log-uniform), so one loss
+serves all of them.
 
 Normalisation across patch sizes (our choice, ``reduction``):
 - ``"mean"`` (default): the weighted squared error is averaged over the pixels of
@@ -15,49 +18,50 @@ With Adam the overall scale barely matters; what changes is the balance between
 patch sizes within a run. The benchmark measures the effect.
 
 Noise levels per patch size (beyond the paper, off by default): ``patch_P_mean_shift``
-lowers P_mean by that much for every halving of the patch side (R/2: one shift, R/4:
-two). A small crop at very high noise holds almost nothing but its coordinates, so the
-hypothesis is that patches should teach the low-noise detail and full images the rest.
+lowers ln(sigma) by that much for every halving of the patch side (R/2: one shift, R/4:
+two); with EDM's log-normal that is P_mean lowered by the shift. A small crop at very
+high noise holds almost nothing but its coordinates, so the hypothesis is that patches
+should teach the low-noise detail and full images the rest.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+
+from .precond import Precond, log_sigma_shift
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    P_mean: float = -1.2
-    P_std: float = 1.2
-    sigma_data: float = 0.5
     reduction: Literal["mean", "sum"] = "mean"
-    patch_P_mean_shift: float = 0.0  # P_mean lowered by this per halving of the patch side
+    patch_P_mean_shift: float = 0.0  # ln(sigma) lowered by this per halving of the patch side
 
 
-def edm_loss(
-    denoiser: nn.Module,
+def denoising_loss(
+    denoiser: Precond,
     images: torch.Tensor,
     pos: torch.Tensor,
     labels: torch.Tensor | None,
     config: LossConfig,
     generator: torch.Generator | None = None,
     divisor: int = 1,
+    precond: Precond | None = None,
 ) -> torch.Tensor:
     """The scalar training loss for one batch of crops ``images`` with coordinates ``pos``.
 
     ``divisor`` is the crops' d (R/d patches), used only by ``patch_P_mean_shift``.
     Noise is drawn with ``generator`` (on the images' device) so runs are reproducible.
+    ``precond`` supplies the sigma distribution and weight when ``denoiser`` is a
+    compiled wrapper of it.
     """
+    precond = precond or denoiser
     batch = images.shape[0]
-    p_mean = config.P_mean - config.patch_P_mean_shift * math.log2(divisor)
-    rnd = torch.randn(batch, device=images.device, generator=generator)
-    sigma = (rnd * config.P_std + p_mean).exp()
-    weight = (sigma**2 + config.sigma_data**2) / (sigma * config.sigma_data) ** 2
+    sigma = precond.sample_sigma(batch, generator, images.device)
+    sigma = log_sigma_shift(sigma, config.patch_P_mean_shift, divisor)
+    weight = precond.loss_weight(sigma)
     noise = torch.randn(images.shape, device=images.device, generator=generator)
     noisy = images + noise * sigma.reshape(-1, 1, 1, 1)
     denoised = denoiser(noisy, sigma, labels, pos=pos)
@@ -65,3 +69,6 @@ def edm_loss(
     if config.reduction == "sum":
         return per_pixel.sum() / batch
     return per_pixel.mean()
+
+
+edm_loss = denoising_loss  # the name earlier versions exported

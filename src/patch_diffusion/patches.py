@@ -108,19 +108,25 @@ class PatchSchedule:
 
     @property
     def expected_multiplier(self) -> float:
-        """E[d]: images per step relative to the base batch (1.9 at the paper's defaults).
+        """Images per step relative to the base batch, on average over the run (1.9 at
+        the paper's stochastic defaults).
 
-        Used to count images seen and to set the EMA, as in the paper's code. When p moves
-        over training this is the average over the run (E[d] is linear in p).
+        Used to count images seen and to set the EMA, as in the paper's code. Stochastic:
+        E[d] (when p moves over training, its average: E[d] is linear in p). Progressive:
+        each size gets its probability's share of the *images*, so a size with share q
+        takes q/d of the steps per base batch and the multiplier is 1 / sum(q/d).
         """
+        if self.config.schedule == "progressive":
+            return 1.0 / sum(p / d for d, p in zip(self.divisors, self.probs))
         return sum(d * p for d, p in zip(self.divisors, self.probs_at(0.5)))
 
     def draw(self, progress: float, generator: torch.Generator) -> int:
         """The divisor for one optimisation step.
 
-        ``progress`` is the fraction of training done (0..1); it matters only to the
-        progressive schedule, which walks from the smallest patch to full images,
-        giving each size its probability's share of the training duration.
+        ``progress`` is the fraction of training done (0..1), counted in images seen; the
+        progressive schedule walks from the smallest patch to full images, giving each
+        size its probability's share of the images (as the paper's code splits by kimg;
+        splitting by steps would give full images about a quarter of the images at p = 0.5).
         """
         if self.config.schedule == "progressive":
             edge = 0.0

@@ -1,10 +1,6 @@
-"""The training loop: Patch Diffusion steps with Adam, EMA, logs, grids and checkpoints.
+"""The training loop: Patch Diffusion steps (``step.py``) with logs, grids, FID and
+checkpoints around them.
 
-One step (Wang et al. 2023, Alg. 1, with EDM's loss):
-  1. draw the step's patch divisor d from the schedule;
-  2. take d loader batches (d x batch_size distinct images);
-  3. crop each image at a uniform random offset to (H/d, W/d), build its coordinates;
-  4. EDM loss on the crops, Adam step, EMA update.
 Progress is counted in images seen at the schedule's *expected* multiplier (as the
 paper's code does), so a duration in kimg maps to a fixed number of steps.
 
@@ -14,10 +10,8 @@ data position, so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,46 +21,35 @@ from .checkpoint import (checkpoint_name, load_checkpoint, optimizer_from_tensor
                          optimizer_to_tensors, prefixed, prune_checkpoints, save_checkpoint,
                          unprefixed)
 from .config import TrainConfig, from_dict, to_dict, to_json
-from .data import ImageDataset, InfiniteBatches, default_num_workers, open_dataset
-from .devices import resolve_device, to_device
+from .data import ImageDataset, default_num_workers, open_dataset
+from .devices import resolve_device
 from .errors import UserError
 from .evaluate import FIDTracker
-from .generate import from_uint8, sample, save_grid
-from .loss import edm_loss
-from .model import build_denoiser
-from .networks.ddpmpp import DDPMpp
-from .patches import PatchBatch, PatchSchedule, make_patches, steps_for_duration
-from .precond import EDMPrecond
+from .generate import sample, save_grid
+from .networks import get_backbone
+from .patches import PatchSchedule
 from .runs import RunLog, new_run_dir
-
-
-@dataclass
-class TrainState:
-    """Counters that, with the weights and generators, define where training is."""
-
-    step: int = 0
-    data_batches: int = 0  # loader batches consumed (the data position)
-    train_seconds: float = 0.0  # time spent in training steps (not grids, FID or checkpoints)
+from .step import Trainer, TrainState
 
 
 def resolve_config(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
     """Fill in what comes from the data and check the patch sizes fit the network."""
-    label_dim = dataset.num_classes if config.data.cond else 0
     if config.data.cond and not dataset.num_classes:
         raise UserError(f"--cond needs class labels but '{config.data.path}' has none; "
                         "use class subfolders or a dataset.json, or drop --cond")
-    network = replace(config.model.network, label_dim=label_dim)
+    label_dim = dataset.num_classes if config.data.cond else 0
     model = replace(config.model, resolution=tuple(dataset.resolution),
-                    channels=dataset.channels, network=network)
+                    channels=dataset.channels, label_dim=label_dim)
     config = replace(config, model=model)
     schedule = PatchSchedule(config.patch, model.resolution)
-    step = 2 ** (len(network.channel_mult) - 1)
+    multiple = get_backbone(model.backbone).size_multiple(model.backbone_config)
     for divisor in schedule.divisors:
         h, w = schedule.patch_shape(divisor)
-        if h % step or w % step:
+        if h % multiple or w % multiple:
+            what = "patches" if divisor > 1 else "images"
             raise UserError(
-                f"{h}x{w} patches do not fit a network with {len(network.channel_mult)} resolution "
-                f"levels (sides must divide by {step}); use larger --patch-sizes or fewer levels"
+                f"{h}x{w} {what} do not fit the {model.backbone} network, whose sides must divide "
+                f"by {multiple}; use larger --patch-sizes, --resolution/--fit, or fewer resolution levels"
             )
     if config.batch_size < 1:
         raise UserError("--batch must be at least 1")
@@ -87,7 +70,7 @@ def train(
 
     ``resume_from`` restores a checkpoint's full state. ``run_dir`` continues an existing
     run folder (automatic resume); otherwise a new numbered folder is made in ``outdir``.
-    ``backbone`` replaces the configured DDPM++ with any module called as
+    ``backbone`` replaces the configured network with any module called as
     ``backbone(x, noise_labels, class_labels)`` whose input has image channels + 2
     coordinate channels and whose output has the image channels.
 
@@ -100,31 +83,16 @@ def train(
                            fit=config.data.fit, channels=config.data.channels,
                            max_images=config.data.max_images)
     config = resolve_config(config, dataset)
-    schedule = PatchSchedule(config.patch, config.model.resolution)
-    total_steps = steps_for_duration(config.duration_kimg, config.batch_size,
-                                     schedule.expected_multiplier)
-    img_per_step = config.batch_size * schedule.expected_multiplier
-
-    torch.manual_seed(config.seed)  # initial weights and dropout
-    if backbone is None:
-        net = build_denoiser(config.model)
-    else:
-        net = EDMPrecond(backbone, config.model.channels, sigma_data=config.model.sigma_data,
-                         label_dim=config.model.network.label_dim)
-    net = net.to(device, memory_format=_memory_format(config)).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    step_net = compiled(net, config, device)
-    optimizer = make_optimizer(net, config, device)
-    patch_gen = torch.Generator().manual_seed(config.seed + 1)  # sizes, offsets, flips
-    noise_gen = torch.Generator(device=device).manual_seed(config.seed + 2)  # sigma, noise
-    state = TrainState()
-
+    trainer = Trainer(config, device, backbone)
+    state, schedule = trainer.state, trainer.schedule
     if resume_from is not None:
         tensors, meta = load_checkpoint(resume_from)
-        if meta.get("backbone") != _backbone_name(backbone):
+        if meta.get("backbone") != _backbone_name(config, backbone):
             raise UserError(f"'{resume_from}' was trained with backbone {meta.get('backbone')}; "
                             "resume it with the same network")
-        _restore(tensors, meta, net, ema, optimizer, patch_gen, noise_gen, state, device)
+        _restore(trainer, tensors, meta)
+    elif backbone is None:
+        _load_pretrained(trainer, config)
 
     fid = None
     if config.fid_every_kimg:
@@ -135,16 +103,18 @@ def train(
     run_dir = Path(run_dir) if run_dir else new_run_dir(Path(outdir), _run_desc(config))
     log = RunLog(run_dir, echo=progress)
     (run_dir / "config.json").write_text(to_json(config) + "\n")
-    n_params = sum(p.numel() for p in net.parameters())
+    n_params = sum(p.numel() for p in trainer.net.parameters())
+    model = config.model
     log.info(f"{'resuming from ' + str(resume_from) if resume_from else 'new run'} in {run_dir}")
-    log.info(f"data: {dataset.name}, {len(dataset)} images, {config.model.channels}x"
-             f"{config.model.resolution[0]}x{config.model.resolution[1]}; device: {device}; "
-             f"parameters: {n_params / 1e6:.2f}M")
+    log.info(f"data: {dataset.name}, {len(dataset)} images, {model.channels}x"
+             f"{model.resolution[0]}x{model.resolution[1]}; device: {device}; "
+             f"network: {_backbone_name(config, backbone)} in {model.precond} preconditioning, "
+             f"{n_params / 1e6:.2f}M parameters")
     log.info(f"schedule: {config.patch.schedule}, patches "
              + ", ".join(f"{'x'.join(map(str, schedule.patch_shape(d)))} p={p:.2f}"
                          for d, p in zip(schedule.divisors, schedule.probs))
              + f", expected batch multiplier {schedule.expected_multiplier:.2f}; "
-             f"{total_steps} steps for {config.duration_kimg:g} kimg")
+             f"{trainer.total_steps} steps for {config.duration_kimg:g} kimg")
     if state.step == 0:
         reals = dataset.get_batch(torch.arange(min(config.grid_seeds, len(dataset))))[0]
         save_grid(reals, run_dir / "reals.png", scale=_grid_scale(config))
@@ -153,10 +123,8 @@ def train(
     num_workers = config.data.num_workers
     if num_workers is None:  # in-memory data is one tensor index per batch: workers only add IPC
         num_workers = 0 if dataset.in_memory else default_num_workers()
-    loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed,
-                                  start_batch=state.data_batches, num_workers=num_workers,
-                                  pin_memory=device.type == "cuda"))
-    autocast = autocast_for(config, device)
+    trainer.start_data(dataset, num_workers)
+    img_per_step = trainer.img_per_step
     every = {name: max(1, round(kimg * 1000 / img_per_step)) for name, kimg in
              (("log", config.log_kimg), ("ckpt", config.checkpoint_kimg), ("grid", config.sample_kimg),
               ("fid", config.fid_every_kimg or 0.0))}
@@ -167,47 +135,19 @@ def train(
     if limit:  # a time budget: the bar counts training seconds, not a step total it may never reach
         bar = time_bar(limit, state.train_seconds, progress)
     else:
-        bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+        bar = tqdm(total=trainer.total_steps, initial=state.step, desc="training", unit="step",
                    disable=not progress, dynamic_ncols=True)
     stopped_early = False
-    while state.step < total_steps:
+    while state.step < trainer.total_steps:
         step_start = time.monotonic()
-        fraction = state.step / total_steps
-        if limit:  # a time budget paces the schedule when it ends training first
-            fraction = max(fraction, state.train_seconds / limit)
-        divisor = schedule.draw(fraction, patch_gen)
-        images, labels = _next_images(loader, divisor, state, config.patch.batch_images)
-        # Host-side draws travel through pinned memory: no per-step wait for the GPU.
-        images = from_uint8(images, device)
-        if config.data.xflip:  # flip the image, keep the coordinates (paper, Sec. 3)
-            flip = to_device(torch.rand(images.shape[0], generator=patch_gen) < 0.5, device)
-            images = torch.where(flip[:, None, None, None], images.flip(3), images)
-        cond = None
-        if config.model.network.label_dim:
-            cond = torch.nn.functional.one_hot(to_device(labels, device), config.model.network.label_dim).float()
-        batch = laid_out(make_patches(images, cond, divisor, patch_gen), config)
-
-        lr = step_lr(config, state.step, img_per_step, divisor)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = edm_loss(step_net, batch.images, batch.pos, batch.labels, config.loss, noise_gen,
-                            divisor=divisor)
-        loss.backward()
-        for p in net.parameters():  # EDM: a rare non-finite gradient must not poison Adam
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-        optimizer.step()
-        state.step += 1
-        _update_ema(ema, net, config, state.step * img_per_step, img_per_step)
+        divisor = trainer.draw_divisor(limit)
+        batch = trainer.patches(*trainer.load(divisor), divisor)
+        loss = trainer.optimise(batch)
         step_seconds = time.monotonic() - step_start
         state.train_seconds += step_seconds
 
         window["busy"] += step_seconds
-        window["loss"] += loss.detach()
+        window["loss"] += loss
         window["steps"] += 1
         window["images"] += batch.images.shape[0]
         if limit:
@@ -215,21 +155,15 @@ def train(
         else:
             bar.update(1)
         over_time = any(t is not None and state.train_seconds >= t for t in (limit, pause))
-        done = state.step == total_steps or over_time
+        done = state.step == trainer.total_steps or over_time
         if state.step % every["log"] == 0 or done:
-            _log_stats(log, bar, window, state, img_per_step, lr)
+            _log_stats(log, bar, window, state, img_per_step, trainer.lr())
         if state.step % every["grid"] == 0 or done:
-            grid = sample(ema, list(range(config.grid_seeds)), config.sampler,
-                          config.model.resolution, device)
-            path = save_grid(grid, run_dir / f"samples-{state.step:08d}.png", scale=_grid_scale(config))
-            log.info(f"samples: {path}")
+            _sample_grid(trainer, run_dir, log)
         if fid is not None and (state.step % every["fid"] == 0 or done):
-            value = fid(ema, config.sampler)
-            log.stats({"step": state.step, "kimg": round(state.step * img_per_step / 1000, 4),
-                       "fid": round(value, 4), "fid_num": config.fid_num})
-            log.info(f"FID ({config.fid_num} images) at {state.step * img_per_step / 1000:.1f} kimg: {value:.2f}")
+            _fid_point(trainer, fid, log)
         if state.step % every["ckpt"] == 0 or done:
-            _save(run_dir, config, net, ema, optimizer, patch_gen, noise_gen, state, img_per_step)
+            _save(run_dir, trainer, backbone)
         if over_time:
             log.info(f"stopping after {state.train_seconds / 60:.2f} minutes of training (step "
                      f"{state.step}); resume with --resume latest")
@@ -265,75 +199,7 @@ def data_on_device(dataset: ImageDataset, config: TrainConfig, device: torch.dev
     return dataset.to(device) if dataset.nbytes * 4 <= free else dataset
 
 
-def _memory_format(config: TrainConfig) -> torch.memory_format:
-    return torch.channels_last if config.channels_last else torch.contiguous_format
-
-
-def laid_out(batch: PatchBatch, config: TrainConfig) -> PatchBatch:
-    """``batch`` with crops and coordinates in the memory layout the network runs in."""
-    batch.images = batch.images.contiguous(memory_format=_memory_format(config))
-    batch.pos = batch.pos.contiguous(memory_format=_memory_format(config))
-    return batch
-
-
-def compiled(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The module the training step calls: ``net`` itself, or with ``config.compile`` a
-    torch.compile'd view of it sharing its weights. dynamic=False gives one graph per
-    patch size, each compiled once; on CUDA the graphs are replayed as CUDA graphs,
-    which removes the per-kernel launch cost that dominates small networks."""
-    if not config.compile:
-        return net
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(net, dynamic=False, mode=mode)
-
-
-def make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    # One fused kernel for all parameters on CUDA instead of several per tensor.
-    return torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                            fused=device.type == "cuda")
-
-
-def autocast_for(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def step_lr(config: TrainConfig, step: int, img_per_step: float, divisor: int) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up over ``lr_warmup_kimg``,
-    times ``patch_lr_scale`` on patch steps (d > 1)."""
-    warmup = min(1.0, (step + 1) * img_per_step / max(config.lr_warmup_kimg * 1000, 1e-8))
-    return config.lr * warmup * (config.patch_lr_scale if divisor > 1 else 1.0)
-
-
-def _next_images(loader, divisor: int, state: TrainState,
-                 mode: str = "distinct") -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's d x batch images: d loader batches of distinct images (the paper), or
-    with ``mode="repeat"`` one batch with each image repeated d times, to be cropped at
-    d independent offsets."""
-    if mode == "repeat":
-        images, labels = next(loader)
-        state.data_batches += 1
-        return images.repeat_interleave(divisor, 0), labels.repeat_interleave(divisor, 0)
-    parts = [next(loader) for _ in range(divisor)]
-    state.data_batches += divisor
-    if divisor == 1:
-        return parts[0]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-@torch.no_grad()
-def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, config: TrainConfig,
-                images_seen: float, img_per_step: float) -> None:
-    halflife = config.ema_halflife_kimg * 1000
-    if config.ema_rampup is not None:
-        halflife = min(halflife, images_seen * config.ema_rampup)
-    beta = 0.5 ** (img_per_step / max(halflife, 1e-8))
-    # One fused update for all tensors: a per-parameter loop costs a launch each on a GPU.
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
-
-
-def _log_stats(log: RunLog, bar, window: dict, state: TrainState, img_per_step: float,
+def _log_stats(log: RunLog, bar: tqdm, window: dict, state: TrainState, img_per_step: float,
                lr: float) -> None:
     elapsed = max(window["busy"], 1e-9)
     stats = {
@@ -349,46 +215,72 @@ def _log_stats(log: RunLog, bar, window: dict, state: TrainState, img_per_step: 
     window.update(loss=0.0, steps=0, images=0, busy=0.0)
 
 
-def _save(run_dir: Path, config: TrainConfig, net, ema, optimizer, patch_gen, noise_gen,
-          state: TrainState, img_per_step: float) -> None:
-    opt_tensors, opt_info = optimizer_to_tensors(optimizer)
-    tensors = {**prefixed("ema", ema.state_dict()), **prefixed("net", net.state_dict()),
+def _sample_grid(trainer: Trainer, run_dir: Path, log: RunLog) -> None:
+    config = trainer.config
+    grid = sample(trainer.ema, list(range(config.grid_seeds)), config.sampler,
+                  config.model.resolution, trainer.device)
+    path = save_grid(grid, run_dir / f"samples-{trainer.state.step:08d}.png", scale=_grid_scale(config))
+    log.info(f"samples: {path}")
+
+
+def _fid_point(trainer: Trainer, fid: FIDTracker, log: RunLog) -> None:
+    config, step = trainer.config, trainer.state.step
+    value = fid(trainer.ema, config.sampler)
+    kimg = step * trainer.img_per_step / 1000
+    log.stats({"step": step, "kimg": round(kimg, 4), "fid": round(value, 4), "fid_num": config.fid_num})
+    log.info(f"FID ({config.fid_num} images) at {kimg:.1f} kimg: {value:.2f}")
+
+
+def _save(run_dir: Path, trainer: Trainer, backbone: torch.nn.Module | None) -> None:
+    config, state = trainer.config, trainer.state
+    opt_tensors, opt_info = optimizer_to_tensors(trainer.optimizer)
+    tensors = {**prefixed("ema", trainer.ema.state_dict()), **prefixed("net", trainer.net.state_dict()),
                **prefixed("optim", opt_tensors),
-               "rng.patch": patch_gen.get_state(), "rng.noise": noise_gen.get_state(),
+               "rng.patch": trainer.patch_gen.get_state(), "rng.noise": trainer.noise_gen.get_state(),
                "rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and next(net.parameters()).is_cuda:
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    if trainer.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(trainer.device)
     meta = {"config": to_dict(config), "step": state.step, "data_batches": state.data_batches,
-            "train_seconds": state.train_seconds,
-            "kimg": state.step * img_per_step / 1000, "optimizer": opt_info}
-    meta["backbone"] = _backbone_name(net.backbone)
+            "train_seconds": state.train_seconds, "images": state.images,
+            "kimg": state.step * trainer.img_per_step / 1000, "optimizer": opt_info,
+            "backbone": _backbone_name(config, backbone)}
     save_checkpoint(run_dir / checkpoint_name(state.step), tensors, meta)
     prune_checkpoints(run_dir, config.keep_checkpoints)
 
 
-def _restore(tensors, meta, net, ema, optimizer, patch_gen, noise_gen, state: TrainState,
-             device: torch.device) -> None:
+def _restore(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     try:
-        net.load_state_dict(unprefixed("net", tensors))
-        ema.load_state_dict(unprefixed("ema", tensors))
+        trainer.net.load_state_dict(unprefixed("net", tensors))
+        trainer.ema.load_state_dict(unprefixed("ema", tensors))
     except RuntimeError:
         raise UserError("the checkpoint's network does not match this config; resume without "
                         "changing the model options") from None
-    optimizer_from_tensors(optimizer, unprefixed("optim", tensors), meta["optimizer"])
-    patch_gen.set_state(tensors["rng.patch"])
-    noise_gen.set_state(tensors["rng.noise"])
+    optimizer_from_tensors(trainer.optimizer, unprefixed("optim", tensors), meta["optimizer"])
+    trainer.patch_gen.set_state(tensors["rng.patch"])
+    trainer.noise_gen.set_state(tensors["rng.noise"])
     torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if "rng.cuda" in tensors and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.device)
+    state = trainer.state
     state.step = int(meta["step"])
     state.data_batches = int(meta["data_batches"])
     state.train_seconds = float(meta.get("train_seconds", 0.0))
+    state.images = int(meta.get("images", round(state.step * trainer.img_per_step)))
 
 
-def _backbone_name(backbone: torch.nn.Module | None) -> str:
-    """'ddpmpp' for the built-in network, else the custom module's import path."""
-    if backbone is None or isinstance(backbone, DDPMpp):
-        return "ddpmpp"
+def _load_pretrained(trainer: Trainer, config: TrainConfig) -> None:
+    """A fresh run whose backbone config names pretrained weights starts from them
+    (net and EMA alike); resumed runs take their weights from the checkpoint instead."""
+    folder = getattr(config.model.backbone_config, "pretrained", None)
+    if folder:
+        trainer.net.backbone.load_pretrained(folder)
+        trainer.ema.load_state_dict(trainer.net.state_dict())
+
+
+def _backbone_name(config: TrainConfig, backbone: torch.nn.Module | None) -> str:
+    """The registry name of the configured backbone, else the custom module's import path."""
+    if backbone is None:
+        return config.model.backbone
     return f"{type(backbone).__module__}.{type(backbone).__qualname__}"
 
 

@@ -27,7 +27,8 @@ from ..data import InfiniteBatches, open_dataset
 from ..errors import UserError
 from ..generate import from_uint8, to_uint8
 from ..samplers import SeededNoise
-from ..train import advance, autocast_for, data_on_device, time_bar
+from ..step import autocast_for
+from ..train import advance, data_on_device, time_bar
 
 DDIM_STEPS = 50
 BLOCK_CHANNELS = (32, 32, 64)  # 0.76M parameters for 1 channel, about our fmnist-32 net's 0.75M

@@ -10,7 +10,6 @@ what those phases really cost once the host can run ahead of the GPU.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Any
@@ -18,60 +17,44 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig, replace
-from ..data import InfiniteBatches, open_dataset
+from ..data import open_dataset
 from ..devices import resolve_device
-from ..generate import from_uint8
-from ..loss import edm_loss
-from ..model import build_denoiser
-from ..patches import PatchBatch, PatchConfig, PatchSchedule, make_patches
-from ..train import (TrainState, _memory_format, _next_images, _update_ema, autocast_for, compiled,
-                     data_on_device, laid_out, make_optimizer, resolve_config)
+from ..patches import PatchBatch, PatchConfig
+from ..step import Trainer
+from ..train import data_on_device, resolve_config
 
 PHASES = ("data", "patches", "step")
 
 
 def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     """Median phase times per patch size for ``config``'s network, batch and data, and the
-    share of a pipelined training loop's time that data and patches add."""
+    share of a pipelined training loop's time that data and patches add. The phases are
+    the training loop's own (``step.Trainer``), not a copy of them."""
     device = resolve_device(config.device)
     dataset = open_dataset(config.data.path, resolution=config.data.resolution, fit=config.data.fit,
                            channels=config.data.channels, max_images=config.data.max_images)
     if config.patch.schedule == "full":  # still show what patches would cost
         config = replace(config, patch=PatchConfig())
     config = resolve_config(config, dataset)
-    schedule = PatchSchedule(config.patch, config.model.resolution)
-    torch.manual_seed(config.seed)
-    net = build_denoiser(config.model).to(device, memory_format=_memory_format(config)).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    step_net = compiled(net, config, device)
-    optimizer = make_optimizer(net, config, device)
-    autocast = autocast_for(config, device)
+    trainer = Trainer(config, device)
+    schedule = trainer.schedule
     # The same data path as training (data kept on the GPU, or pinned batches).
     host_dataset, dataset = dataset, data_on_device(dataset, config, device)
-    loader = iter(InfiniteBatches(dataset, config.batch_size, seed=config.seed, num_workers=0,
-                                  pin_memory=device.type == "cuda"))
+    trainer.start_data(dataset, num_workers=0)
     gen = torch.Generator().manual_seed(config.seed)
-    noise_gen = torch.Generator(device=device).manual_seed(config.seed)
-    state = TrainState()
 
     def sync() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def load(divisor: int) -> torch.Tensor:
-        return from_uint8(_next_images(loader, divisor, state)[0], device)
-
-    def patches(images: torch.Tensor, divisor: int) -> PatchBatch:
-        return laid_out(make_patches(images, None, divisor, gen), config)
+    def patches(loaded: tuple[torch.Tensor, torch.Tensor], divisor: int) -> PatchBatch:
+        return trainer.patches(*loaded, divisor)
 
     def optimise(batch: PatchBatch) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = edm_loss(step_net, batch.images, batch.pos, None, config.loss, noise_gen)
-        loss.backward()
-        optimizer.step()
-        _update_ema(ema, net, config, 1e6, 1.0)
+        trainer.optimise(batch)
+
+    load = trainer.load
 
     rows, cached = [], {}
     for divisor, prob in zip(schedule.divisors, schedule.probs):
@@ -79,9 +62,9 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
         first_step = None
         for i in range(warmup + steps):
             t0 = sync()
-            images = load(divisor)
+            loaded = load(divisor)
             t1 = sync()
-            batch = patches(images, divisor)
+            batch = patches(loaded, divisor)
             t2 = sync()
             optimise(batch)
             t3 = sync()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_write_bytes, load_checkpoint
-from ..config import TrainConfig, apply_recipe, get_preset, replace, with_data
+from ..config import TrainConfig, apply_model_options, apply_recipe, get_preset, replace, with_data
 from ..data import default_cache_dir, open_dataset
 from ..devices import resolve_device
 from ..errors import UserError
@@ -76,6 +76,9 @@ class BenchConfig:
     subset: int | None = None  # train on the first N images only (small-data runs)
     preset: str = "fmnist-32"
     batch: int | None = None  # base batch (default: the preset's)
+    backbone: str | None = None  # networks.BACKBONES name (default: the preset's)
+    precond: str | None = None  # precond.PRECONDS name (default: the preset's)
+    channels: int | None = None  # backbone base channels (default: the preset's)
     precision: str = "fp32"  # bf16 = autocast (for GPUs)
     compile: bool = False  # torch.compile the patch arms' network
     ref_data: str | None = None  # default: the test split of a built-in set, else the data
@@ -116,6 +119,8 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     if bench.points < 1 or bench.minutes <= 0:
         raise UserError("--points must be at least 1 and --minutes positive")
     base = with_data(get_preset(bench.preset), bench.data)
+    base = apply_model_options(base, backbone=bench.backbone, precond=bench.precond,
+                               model_channels=bench.channels)
     base = replace(base, data=replace(base.data, max_images=bench.subset), seed=bench.seed,
                    device=bench.device, max_minutes=bench.minutes, duration_kimg=1e9,
                    checkpoint_kimg=1e9, sample_kimg=1e9, keep_checkpoints=1,
@@ -216,7 +221,9 @@ def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torc
 
 
 def _settings(bench: dict[str, Any]) -> dict[str, Any]:
-    """What must match for arms to be comparable: everything but the choice of arms."""
+    """What must match for arms to be comparable: everything but the choice of arms
+    (settings a results file predates take their defaults)."""
+    bench = {**_jsonable(BenchConfig()), **bench}
     return {k: v for k, v in bench.items() if k not in ("arms", "p_values")}
 
 
