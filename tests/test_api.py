@@ -43,3 +43,33 @@ def test_time_budget_progress_counts_training_seconds(tiny_data, tmp_path, capsy
     err = capsys.readouterr().err
     # a time budget shows seconds of its 1.2, not a step total the run never reaches
     assert "/1 s of training" in err and "step=" in err and "%|" in err
+
+
+def test_readme_extension_example_runs(tiny_data, tmp_path, monkeypatch):
+    """The README's 'Add your own backbone or sampler' block, as written, on tiny data."""
+    import re
+    from pathlib import Path
+
+    from patch_diffusion.networks import BACKBONES
+    from patch_diffusion.samplers import SAMPLERS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Add your own backbone or sampler", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('DATA = "path/to/images"', f"DATA = {str(tiny_data)!r}")
+    monkeypatch.chdir(tmp_path)
+    before = (dict(BACKBONES), dict(SAMPLERS))
+    scope: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        added = (set(BACKBONES) - set(before[0]), set(SAMPLERS) - set(before[1]))
+        BACKBONES.clear()
+        BACKBONES.update(before[0])
+        SAMPLERS.clear()
+        SAMPLERS.update(before[1])
+    assert added == ({"two-conv"}, {"midpoint"})
+    images, run_config = scope["images"], scope["run_config"]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert run_config.model.backbone == "two-conv" and run_config.sampler.name == "midpoint"
+    assert list((tmp_path / "runs").glob("*/samples-*.png"))

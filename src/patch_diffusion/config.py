@@ -120,9 +120,12 @@ def apply_model_options(
             raise UserError(f"a pretrained UNet keeps its own architecture; drop the size options "
                             f"({', '.join(sized)}) when using --backbone-from")
         model = replace(model, backbone_config=unet2d_config_from_folder(backbone_from))
-    model = replace(model, backbone_config=replace(model.backbone_config, **network),
-                    label_dropout=label_dropout)
-    return replace(config, model=model)
+    try:
+        backbone_config = replace(model.backbone_config, **network)
+    except ValueError as exc:  # the backbone config's own checks of the size options
+        raise UserError(f"{exc} (--backbone {model.backbone}); change the network size options") from None
+    return replace(config, model=replace(model, backbone_config=backbone_config,
+                                         label_dropout=label_dropout))
 
 
 @dataclass(frozen=True)

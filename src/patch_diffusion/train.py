@@ -43,7 +43,7 @@ def resolve_config(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
     config = replace(config, model=model)
     schedule = PatchSchedule(config.patch, model.resolution)
     multiple = get_backbone(model.backbone).size_multiple(model.backbone_config)
-    for divisor in schedule.divisors:
+    for divisor in reversed(schedule.divisors):  # the full canvas first: it must fit in any case
         h, w = schedule.patch_shape(divisor)
         if h % multiple or w % multiple:
             what = "patches" if divisor > 1 else "images"
@@ -84,7 +84,7 @@ def train(
                            max_images=config.data.max_images)
     config = resolve_config(config, dataset)
     trainer = Trainer(config, device, backbone)
-    state, schedule = trainer.state, trainer.schedule
+    state = trainer.state
     if resume_from is not None:
         tensors, meta = load_checkpoint(resume_from)
         if meta.get("backbone") != _backbone_name(config, backbone):
@@ -103,18 +103,7 @@ def train(
     run_dir = Path(run_dir) if run_dir else new_run_dir(Path(outdir), _run_desc(config))
     log = RunLog(run_dir, echo=progress)
     (run_dir / "config.json").write_text(to_json(config) + "\n")
-    n_params = sum(p.numel() for p in trainer.net.parameters())
-    model = config.model
-    log.info(f"{'resuming from ' + str(resume_from) if resume_from else 'new run'} in {run_dir}")
-    log.info(f"data: {dataset.name}, {len(dataset)} images, {model.channels}x"
-             f"{model.resolution[0]}x{model.resolution[1]}; device: {device}; "
-             f"network: {_backbone_name(config, backbone)} in {model.precond} preconditioning, "
-             f"{n_params / 1e6:.2f}M parameters")
-    log.info(f"schedule: {config.patch.schedule}, patches "
-             + ", ".join(f"{'x'.join(map(str, schedule.patch_shape(d)))} p={p:.2f}"
-                         for d, p in zip(schedule.divisors, schedule.probs))
-             + f", expected batch multiplier {schedule.expected_multiplier:.2f}; "
-             f"{trainer.total_steps} steps for {config.duration_kimg:g} kimg")
+    _describe(log, trainer, dataset, resume_from, _backbone_name(config, backbone))
     if state.step == 0:
         reals = dataset.get_batch(torch.arange(min(config.grid_seeds, len(dataset))))[0]
         save_grid(reals, run_dir / "reals.png", scale=_grid_scale(config))
@@ -213,6 +202,22 @@ def _log_stats(log: RunLog, bar: tqdm, window: dict, state: TrainState, img_per_
     log.stats(stats)
     bar.set_postfix(step=state.step, loss=f"{stats['loss']:.4f}", kimg=f"{stats['kimg']:.1f}")
     window.update(loss=0.0, steps=0, images=0, busy=0.0)
+
+
+def _describe(log: RunLog, trainer: Trainer, dataset: ImageDataset, resume_from: Path | None,
+              backbone: str) -> None:
+    """The run's first lines: where, what data, which network, which schedule."""
+    config, schedule, model = trainer.config, trainer.schedule, trainer.config.model
+    n_params = sum(p.numel() for p in trainer.net.parameters())
+    log.info(f"{'resuming from ' + str(resume_from) if resume_from else 'new run'} in {log.run_dir}")
+    log.info(f"data: {dataset.name}, {len(dataset)} images, {model.channels}x"
+             f"{model.resolution[0]}x{model.resolution[1]}; device: {trainer.device}; "
+             f"network: {backbone} in {model.precond} preconditioning, {n_params / 1e6:.2f}M parameters")
+    log.info(f"schedule: {config.patch.schedule}, patches "
+             + ", ".join(f"{'x'.join(map(str, schedule.patch_shape(d)))} p={p:.2f}"
+                         for d, p in zip(schedule.divisors, schedule.probs))
+             + f", expected batch multiplier {schedule.expected_multiplier:.2f}; "
+             f"{trainer.total_steps} steps for {config.duration_kimg:g} kimg")
 
 
 def _sample_grid(trainer: Trainer, run_dir: Path, log: RunLog) -> None:

@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from patch_diffusion.networks.layers import (
+    UNet,
     UNetBlock,
     batch_class_labels,
     batch_noise_labels,
-    check_input,
-    conv2d,
-    group_norm,
+    check_unet_options,
     keep_default,
     linear,
     positional_embedding,
@@ -58,26 +57,14 @@ class ADMConfig:
     embedding_channels_mult: int = 4  # embedding width = model_channels * this
 
     def __post_init__(self) -> None:
-        # Config files give lists; keep the documented (hashable) tuple types.
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
-        if self.model_channels < 2 or self.model_channels % 2:
-            raise ValueError(f"model_channels must be an even number >= 2, got {self.model_channels}")
-        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
-        if self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if any(r < 1 for r in self.attn_resolutions):
-            raise ValueError(f"attn_resolutions must be positive, got {self.attn_resolutions}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_unet_options(self, min_channels=2)
         if self.channels_per_head < 1:
             raise ValueError(f"channels_per_head must be >= 1, got {self.channels_per_head}")
         if self.embedding_channels_mult < 1:
             raise ValueError(f"embedding_channels_mult must be >= 1, got {self.embedding_channels_mult}")
 
 
-class ADM(nn.Module):
+class ADM(UNet):
     """ADM UNet mapping ``[B, in_channels, h, w]`` to ``[B, out_channels, h, w]``.
 
     ``resolution`` is the canvas side; it only decides where attention goes.
@@ -95,20 +82,7 @@ class ADM(nn.Module):
         label_dim: int = 0,
     ) -> None:
         super().__init__()
-        if resolution < 1 or in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"resolution, in_channels and out_channels must be positive, "
-                f"got {resolution}, {in_channels}, {out_channels}"
-            )
-        if label_dim < 0:
-            raise ValueError(f"label_dim must be >= 0, got {label_dim}")
-        self.resolution = resolution
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.config = config
-        levels = len(config.channel_mult)
-        self.size_multiple = 2 ** (levels - 1)
+        self.check_and_keep(resolution, in_channels, out_channels, config, label_dim)
 
         mc = config.model_channels
         emb_channels = mc * config.embedding_channels_mult
@@ -139,47 +113,10 @@ class ADM(nn.Module):
                 init_zero=zero_init,
             )
 
-        # Encoder: remember every output's width so the decoder can size its inputs.
-        cout = mc * config.channel_mult[0]
-        self.conv_in = conv2d(in_channels, cout, 3)
-        self.encoder = nn.ModuleList()
-        skip_widths = [cout]
-        for level, mult in enumerate(config.channel_mult):
-            attn = (resolution >> level) in config.attn_resolutions
-            if level > 0:
-                self.encoder.append(block(cout, cout, resample="down"))
-                skip_widths.append(cout)
-            for _ in range(config.num_blocks):
-                self.encoder.append(block(cout, mc * mult, attention=attn))
-                cout = mc * mult
-                skip_widths.append(cout)
-
-        # Decoder (incl. the two middle blocks); takes_skip marks blocks that
-        # concatenate the next encoder skip onto their input.
-        self.decoder = nn.ModuleList()
-        takes_skip: list[bool] = []
-        for level in reversed(range(levels)):
-            attn = (resolution >> level) in config.attn_resolutions
-            if level == levels - 1:
-                self.decoder.extend([block(cout, cout, attention=True), block(cout, cout)])
-                takes_skip += [False, False]
-            else:
-                self.decoder.append(block(cout, cout, resample="up"))
-                takes_skip.append(False)
-            for _ in range(config.num_blocks + 1):
-                cin = cout + skip_widths.pop()
-                cout = mc * config.channel_mult[level]
-                # Unlike DDPM++, every block of an attention level attends.
-                self.decoder.append(block(cin, cout, attention=attn))
-                takes_skip.append(True)
-        self._takes_skip = tuple(takes_skip)
-
-        self.norm_out = group_norm(cout, _NORM_EPS)
-        self.conv_out = conv2d(cout, out_channels, 3, zero_init)
-
-    def num_parameters(self) -> int:
-        """Total number of parameters."""
-        return sum(p.numel() for p in self.parameters())
+        # Unlike DDPM++, every block of an attention level attends.
+        self.build_layout(resolution=resolution, in_channels=in_channels, out_channels=out_channels,
+                          config=config, first_width=mc * config.channel_mult[0], block=block,
+                          attend_all=True, eps=_NORM_EPS, in_init=keep_default, out_init=zero_init)
 
     def _embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         noise_labels = batch_noise_labels(noise_labels, batch)
@@ -190,24 +127,3 @@ class ADM(nn.Module):
         if labels is not None:
             emb = emb + self.map_label(labels)
         return F.silu(emb)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_labels: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Predict ``[B, out_channels, h, w]`` from ``x`` and the noise level ``c_noise``."""
-        check_input(x, self.in_channels, self.size_multiple, len(self.config.channel_mult))
-        emb = self._embed(noise_labels, class_labels, x.shape[0])
-
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.encoder:
-            h = block(h, emb)
-            skips.append(h)
-        for block, takes_skip in zip(self.decoder, self._takes_skip):
-            if takes_skip:
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))

@@ -29,15 +29,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from patch_diffusion.networks.layers import (
+    UNet,
     UNetBlock,
     batch_class_labels,
     batch_noise_labels,
-    check_input,
-    conv2d,
-    group_norm,
+    check_unet_options,
     linear,
     positional_embedding,
     xavier_init,
@@ -68,26 +66,14 @@ class DDPMppConfig:
     init_zero: float = 1e-5
 
     def __post_init__(self) -> None:
-        # Config files give lists; keep the documented (hashable) tuple types.
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
-        if self.model_channels < 4 or self.model_channels % 2:
-            raise ValueError(f"model_channels must be an even number >= 4, got {self.model_channels}")
-        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
-        if self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if any(r < 1 for r in self.attn_resolutions):
-            raise ValueError(f"attn_resolutions must be positive, got {self.attn_resolutions}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_unet_options(self, min_channels=4)
         if self.embedding_channels_mult < 1:
             raise ValueError(f"embedding_channels_mult must be >= 1, got {self.embedding_channels_mult}")
         if not math.isfinite(self.init_zero) or self.init_zero < 0:
             raise ValueError(f"init_zero must be a finite number >= 0, got {self.init_zero}")
 
 
-class DDPMpp(nn.Module):
+class DDPMpp(UNet):
     """DDPM++ UNet mapping ``[B, in_channels, h, w]`` to ``[B, out_channels, h, w]``.
 
     ``resolution`` is the canvas side; it only decides where attention goes.
@@ -106,20 +92,7 @@ class DDPMpp(nn.Module):
         label_dim: int = 0,
     ) -> None:
         super().__init__()
-        if resolution < 1 or in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"resolution, in_channels and out_channels must be positive, "
-                f"got {resolution}, {in_channels}, {out_channels}"
-            )
-        if label_dim < 0:
-            raise ValueError(f"label_dim must be >= 0, got {label_dim}")
-        self.resolution = resolution
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.label_dim = label_dim
-        self.config = config
-        levels = len(config.channel_mult)
-        self.size_multiple = 2 ** (levels - 1)
+        self.check_and_keep(resolution, in_channels, out_channels, config, label_dim)
         # The [sin, cos] order is EDM's; the adaptive_scale=True variant predates
         # it, and its checkpoints need the [cos, sin] order they were trained with.
         self._sin_first = not config.adaptive_scale
@@ -150,48 +123,9 @@ class DDPMpp(nn.Module):
                 init_attn=init_attn,
             )
 
-        # Encoder: remember every output's width so the decoder can size its inputs.
-        self.conv_in = conv2d(in_channels, mc, 3, init)
-        self.encoder = nn.ModuleList()
-        skip_widths = [mc]
-        cout = mc
-        for level, mult in enumerate(config.channel_mult):
-            attn = (resolution >> level) in config.attn_resolutions
-            if level > 0:
-                self.encoder.append(block(cout, cout, resample="down"))
-                skip_widths.append(cout)
-            for _ in range(config.num_blocks):
-                self.encoder.append(block(cout, mc * mult, attention=attn))
-                cout = mc * mult
-                skip_widths.append(cout)
-
-        # Decoder (incl. the two middle blocks); takes_skip marks blocks that
-        # concatenate the next encoder skip onto their input.
-        self.decoder = nn.ModuleList()
-        takes_skip: list[bool] = []
-        for level in reversed(range(levels)):
-            attn = (resolution >> level) in config.attn_resolutions
-            if level == levels - 1:
-                # Middle of the UNet always attends, as in DDPM++.
-                self.decoder.extend([block(cout, cout, attention=True), block(cout, cout)])
-                takes_skip += [False, False]
-            else:
-                self.decoder.append(block(cout, cout, resample="up"))
-                takes_skip.append(False)
-            for idx in range(config.num_blocks + 1):
-                cin = cout + skip_widths.pop()
-                cout = mc * config.channel_mult[level]
-                # Only the last block of a level attends, matching DDPM++.
-                self.decoder.append(block(cin, cout, attention=attn and idx == config.num_blocks))
-                takes_skip.append(True)
-        self._takes_skip = tuple(takes_skip)
-
-        self.norm_out = group_norm(cout, _NORM_EPS)
-        self.conv_out = conv2d(cout, out_channels, 3, init_zero)
-
-    def num_parameters(self) -> int:
-        """Total number of parameters."""
-        return sum(p.numel() for p in self.parameters())
+        self.build_layout(resolution=resolution, in_channels=in_channels, out_channels=out_channels,
+                          config=config, first_width=mc, block=block, attend_all=False, eps=_NORM_EPS,
+                          in_init=init, out_init=init_zero)
 
     def _embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         noise_labels = batch_noise_labels(noise_labels, batch)
@@ -205,24 +139,3 @@ class DDPMpp(nn.Module):
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         emb = F.silu(self.map0(emb))
         return F.silu(self.map1(emb))
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_labels: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Predict ``[B, out_channels, h, w]`` from ``x`` and the noise level ``c_noise``."""
-        check_input(x, self.in_channels, self.size_multiple, len(self.config.channel_mult))
-        emb = self._embed(noise_labels, class_labels, x.shape[0])
-
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.encoder:
-            h = block(h, emb)
-            skips.append(h)
-        for block, takes_skip in zip(self.decoder, self._takes_skip):
-            if takes_skip:
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))

@@ -10,7 +10,7 @@ the same weights run on patches and on the full canvas.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +237,23 @@ class UNetBlock(nn.Module):
 # ---------------------------------------------------------------- input checks
 
 
+def check_unet_options(config: Any, min_channels: int) -> None:
+    """Validate the size options the UNets share (a frozen config's __post_init__)."""
+    # Config files give lists; keep the documented (hashable) tuple types.
+    object.__setattr__(config, "channel_mult", tuple(config.channel_mult))
+    object.__setattr__(config, "attn_resolutions", tuple(config.attn_resolutions))
+    if config.model_channels < min_channels or config.model_channels % 2:
+        raise ValueError(f"model_channels must be an even number >= {min_channels}, got {config.model_channels}")
+    if not config.channel_mult or any(m < 1 for m in config.channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {config.channel_mult}")
+    if config.num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {config.num_blocks}")
+    if any(r < 1 for r in config.attn_resolutions):
+        raise ValueError(f"attn_resolutions must be positive, got {config.attn_resolutions}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+
+
 def check_input(x: torch.Tensor, in_channels: int, size_multiple: int, levels: int) -> None:
     """Raise ValueError unless ``x`` is [B, in_channels, h, w] with h, w divisible by ``size_multiple``."""
     if x.ndim != 4 or x.shape[1] != in_channels:
@@ -277,3 +294,110 @@ def batch_class_labels(
     if class_labels.shape != (batch, label_dim):
         raise ValueError(f"class_labels must have shape [{batch}, {label_dim}], got {list(class_labels.shape)}")
     return class_labels.to(dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------- the UNet layout
+
+BlockFactory = Callable[..., UNetBlock]  # (cin, cout, resample=None, attention=False)
+
+
+class UNet(nn.Module):
+    """The encoder/decoder layout EDM's DDPM++ and ADM share, on the canvas resolution.
+
+    encoder: ``conv_in``, then per level an optional down block followed by
+             ``num_blocks`` blocks; every output is kept as a skip.
+    middle:  at the lowest level one block with attention, one without.
+    decoder: per level (coarsest first) an optional up block followed by
+             ``num_blocks + 1`` blocks, each consuming one skip; attention in the
+             last block of an attention level only (DDPM++) or in all of them (ADM).
+    output:  GroupNorm -> SiLU -> 3x3 ``conv_out``.
+    Attention levels are fixed from the canvas (level l is ``resolution >> l`` wide),
+    never from the input size, so crops and full images share one network.
+    """
+
+    def check_and_keep(self, resolution: int, in_channels: int, out_channels: int, config: Any,
+                       label_dim: int) -> None:
+        """Validate and record the sizes every UNet is built from."""
+        if resolution < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"resolution, in_channels and out_channels must be positive, "
+                f"got {resolution}, {in_channels}, {out_channels}"
+            )
+        if label_dim < 0:
+            raise ValueError(f"label_dim must be >= 0, got {label_dim}")
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.label_dim = label_dim
+        self.config = config
+        self.size_multiple = 2 ** (len(config.channel_mult) - 1)
+
+    def build_layout(self, *, resolution: int, in_channels: int, out_channels: int, config: Any,
+                     first_width: int, block: BlockFactory, attend_all: bool, eps: float,
+                     in_init: LayerInit, out_init: LayerInit) -> None:
+        """Make conv_in, encoder, decoder, norm_out, conv_out (in this order, which fixes
+        how the initialisation draws random numbers)."""
+        mc, levels = config.model_channels, len(config.channel_mult)
+        self.conv_in = conv2d(in_channels, first_width, 3, in_init)
+        self.encoder = nn.ModuleList()
+        skip_widths = [first_width]
+        cout = first_width
+        for level, mult in enumerate(config.channel_mult):
+            attn = (resolution >> level) in config.attn_resolutions
+            if level > 0:
+                self.encoder.append(block(cout, cout, resample="down"))
+                skip_widths.append(cout)
+            for _ in range(config.num_blocks):
+                self.encoder.append(block(cout, mc * mult, attention=attn))
+                cout = mc * mult
+                skip_widths.append(cout)
+        self.decoder = nn.ModuleList()
+        takes_skip: list[bool] = []  # blocks that concatenate the next encoder skip
+        for level in reversed(range(levels)):
+            attn = (resolution >> level) in config.attn_resolutions
+            if level == levels - 1:
+                self.decoder.extend([block(cout, cout, attention=True), block(cout, cout)])
+                takes_skip += [False, False]
+            else:
+                self.decoder.append(block(cout, cout, resample="up"))
+                takes_skip.append(False)
+            for idx in range(config.num_blocks + 1):
+                cin = cout + skip_widths.pop()
+                cout = mc * config.channel_mult[level]
+                last = idx == config.num_blocks
+                self.decoder.append(block(cin, cout, attention=attn and (attend_all or last)))
+                takes_skip.append(True)
+        self._takes_skip = tuple(takes_skip)
+        self.norm_out = group_norm(cout, eps)
+        self.conv_out = conv2d(cout, out_channels, 3, out_init)
+
+    def _embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+               batch: int) -> torch.Tensor:
+        """The [B, emb_channels] embedding of noise level and label (each UNet its own)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict ``[B, out_channels, h, w]`` from ``x`` and the noise level ``c_noise``."""
+        check_input(x, self.in_channels, self.size_multiple, len(self.config.channel_mult))
+        return self.run_layout(x, self._embed(noise_labels, class_labels, x.shape[0]))
+
+    def run_layout(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.encoder:
+            h = block(h, emb)
+            skips.append(h)
+        for block, takes_skip in zip(self.decoder, self._takes_skip):
+            if takes_skip:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def num_parameters(self) -> int:
+        """Total number of parameters."""
+        return sum(p.numel() for p in self.parameters())
