@@ -104,6 +104,23 @@ def test_every_arm_builds_and_changes_one_thing():
     assert arms["noise-shift"].loss.patch_P_mean_shift > 0 and arms["noise-shift"].patch == patch.patch
     assert (arms["p-ramp"].patch.real_p, arms["p-ramp"].patch.real_p_end) == (1.0, 0.25)
     assert arms["patch-lr"].patch_lr_scale != 1.0 and arms["patch-lr"].patch == patch.patch
+    ss = arms["full-scale-shift"]
+    assert ss.patch == arms["full"].patch and ss.model.backbone_config.adaptive_scale
+    assert not arms["full"].model.backbone_config.adaptive_scale
+
+
+def test_arms_follow_the_chosen_backbone_and_precond():
+    from patch_diffusion.bench.time_to_fid import BenchConfig, arm_configs
+    from patch_diffusion.config import apply_model_options, get_preset
+    from patch_diffusion.errors import UserError
+
+    base = apply_model_options(get_preset("tiny"), backbone="adm", precond="vp", model_channels=8)
+    arms = arm_configs(BenchConfig(arms=("full", "patch")), base)
+    for config in arms.values():
+        assert (config.model.backbone, config.model.precond) == ("adm", "vp")
+        assert config.model.backbone_config.model_channels == 8
+    with pytest.raises(UserError, match="DDPM"):
+        arm_configs(BenchConfig(arms=("full-scale-shift",)), base)
 
 
 def test_steps_for_nfe_picks_the_nearest_count():

@@ -211,3 +211,31 @@ def test_size_options_are_refused_with_a_pretrained_unet(tiny_data, tmp_path):
     result = run("train", "--data", tiny_data, "--outdir", tmp_path / "runs", "--backbone-from",
                  tmp_path / "unet", "--channels", "32", "--device", "cpu")
     one_error_line(result, "model_channels")
+
+
+def test_full_label_dropout_learns_no_class_and_w0_ignores_it(tmp_path):
+    """--label-dropout 1 trains on the null label only: the label weights keep their
+    initial values, and guidance weight 0 (the null-label model) gives every class the
+    same image."""
+    data = class_folder(tmp_path / "classes")
+    out = tmp_path / "runs"
+    result = run("train", "--data", data, "--outdir", out, "--duration", "0.03", "--cond",
+                 "--label-dropout", "1", *FAST)
+    assert result.exit_code == 0, result.output
+    last = list_checkpoints(only_run_dir(out))[-1]
+    from patch_diffusion.generate import load_denoiser
+    from patch_diffusion.model import build_denoiser
+
+    _, config = load_denoiser(last, torch.device("cpu"))
+    torch.manual_seed(config.seed)  # as training does: rebuild its initial network
+    initial = build_denoiser(config.model).state_dict()["backbone.map_label.weight"]
+    trained = load_checkpoint(last)[0]["net.backbone.map_label.weight"]
+    assert torch.equal(initial, trained)
+    assert load_checkpoint(last, with_tensors=False)[1]["step"] > 0
+    images = []
+    for k in (0, 2):
+        gen = tmp_path / f"class{k}"
+        assert run("generate", "--checkpoint", last, "--outdir", gen, "--seeds", "1", "--steps", "2",
+                   "--class", k, "--guidance", "0", "--no-grid", "--device", "cpu").exit_code == 0
+        images.append((gen / "seed000001.png").read_bytes())
+    assert images[0] == images[1]

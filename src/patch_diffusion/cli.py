@@ -362,7 +362,7 @@ def bench() -> None:
 @click.option("--minutes", default=12.0, show_default=True, type=float, help="Training minutes per arm (evaluation time excluded).")
 @click.option("--points", default=3, show_default=True, type=click.IntRange(min=1), help="FID evaluations per arm, evenly spaced in training time.")
 @click.option("--fid-num", default=1000, show_default=True, type=click.IntRange(min=2), help="Generated images per FID.")
-@click.option("--arms", default="full,patch,progressive,diffusers", show_default=True, help="Comma-separated arms: full, patch, progressive, diffusers, and the variants paper, repeat, noise-shift, p-ramp, patch-lr ('' for none).")
+@click.option("--arms", default="full,patch,progressive,diffusers", show_default=True, help="Comma-separated arms: full, patch, progressive, diffusers, and the variants paper, repeat, noise-shift, p-ramp, patch-lr, full-scale-shift ('' for none).")
 @click.option("--p", "p_values", help="Extra stochastic arms, one per full-image ratio, e.g. 0.25,0.75.")
 @click.option("--subset", type=click.IntRange(min=1), help="Train on the first N images only (the small-data claim).")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and optimiser recipe: {', '.join(PRESETS)}.")

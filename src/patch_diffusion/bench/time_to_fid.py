@@ -61,7 +61,17 @@ ARMS: dict[str, Callable[[TrainConfig], TrainConfig] | None] = {
     "noise-shift": _patch_arm(loss_patch_P_mean_shift=1.0),  # lower noise for smaller patches
     "p-ramp": _patch_arm(real_p=1.0, real_p_end=0.25),  # full images first, patches later
     "patch-lr": _patch_arm(patch_lr_scale=2.0),  # larger steps on the larger patch batches
+    # Full images on version 0.1's DDPM++ (scale-shift conditioning, zero-initialised
+    # branch ends) against EDM's exact DDPM++ of the "full" arm:
+    "full-scale-shift": lambda c: _scale_shift(dataclasses.replace(c, patch=PatchConfig(schedule="full"))),
 }
+
+
+def _scale_shift(config: TrainConfig) -> TrainConfig:
+    if config.model.backbone != "ddpmpp":
+        raise UserError("the full-scale-shift arm is a DDPM++ variant; use it with --backbone ddpmpp")
+    network = dataclasses.replace(config.model.backbone_config, adaptive_scale=True, init_zero=0.0)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_config=network))
 DEFAULT_ARMS = ("full", "patch", "progressive", "diffusers")
 
 
