@@ -312,6 +312,7 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
     from .devices import resolve_device
     from .evaluate import check_compatible, image_features, model_features, score
     from .generate import load_denoiser, parse_seeds
+    from .guidance import check_request
     from .metrics import load_inception, load_reference
 
     if (images is None) == (checkpoint is None):
@@ -323,9 +324,7 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
         denoiser, run_config = load_denoiser(checkpoint, dev)
         size = run_config.model.resolution
         check_compatible(reference, size, ref)
-        if guidance not in (None, 1.0) and not denoiser.label_dim:
-            raise UserError("--guidance needs a class-conditional model (trained with --cond and "
-                            "--label-dropout); drop --guidance for this one")
+        check_request(denoiser.label_dim, weight=guidance)
         settings = replace(run_config.sampler, num_steps=steps, name=sampler, guidance=guidance)
         feats = model_features(denoiser, size, seed_list, settings, batch_size=batch, device=dev,
                                net=load_inception(inception, dev))

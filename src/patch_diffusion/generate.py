@@ -19,7 +19,7 @@ from .checkpoint import atomic_write_bytes, load_checkpoint, unprefixed
 from .config import SamplerConfig, TrainConfig, from_dict, replace
 from .devices import resolve_device, to_device
 from .errors import UserError
-from .guidance import guided, seed_labels
+from .guidance import check_request, guided, seed_labels
 from .model import build_denoiser
 from .precond import Precond
 from .samplers import SeededNoise, count_calls, get_sampler, karras_sigmas
@@ -194,13 +194,7 @@ def generate_to_folder(
     net, config = load_denoiser(checkpoint, dev)
     sampler = replace(config.sampler, **(sampler_changes or {}))  # unset (None) options keep the run's
     check_sampler_changes(sampler.name, sampler_changes or {})  # before any file is written
-    if not net.label_dim and class_label is not None:
-        raise UserError("this model was trained without class labels; drop --class")
-    if not net.label_dim and sampler.guidance != 1.0:
-        raise UserError("--guidance needs a class-conditional model (trained with --cond and "
-                        "--label-dropout); drop --guidance for this one")
-    if net.label_dim and class_label is not None and not 0 <= class_label < net.label_dim:
-        raise UserError(f"--class {class_label} is out of range; this model has classes 0-{net.label_dim - 1}")
+    check_request(net.label_dim, class_label, sampler.guidance)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -20,12 +20,23 @@ from .errors import UserError
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def check_request(label_dim: int, class_label: int | None = None, weight: float | None = None) -> None:
+    """A clear error for a class or a guidance weight the model cannot take."""
+    if not label_dim:
+        if class_label is not None:
+            raise UserError("this model was trained without class labels; drop --class")
+        if weight not in (None, 1.0):
+            raise UserError("--guidance needs a class-conditional model (trained with --cond and "
+                            "--label-dropout); drop --guidance for this one")
+    elif class_label is not None and not 0 <= class_label < label_dim:
+        raise UserError(f"--class {class_label} is out of range; this model has classes 0-{label_dim - 1}")
+
+
 def seed_labels(seeds: list[int], label_dim: int, class_label: int | None,
                 device: torch.device | str) -> torch.Tensor:
     """One-hot labels [N, label_dim]: ``class_label`` for every seed, or by default a
     class drawn uniformly from each seed alone (so image k never depends on the batch)."""
-    if class_label is not None and not 0 <= class_label < label_dim:
-        raise UserError(f"--class {class_label} is out of range; this model has classes 0-{label_dim - 1}")
+    check_request(label_dim, class_label)
     idx = torch.tensor([class_label if class_label is not None else
                         int(np.random.default_rng(s).integers(label_dim)) for s in seeds])
     return torch.nn.functional.one_hot(idx, label_dim).float().to(device)
@@ -36,9 +47,7 @@ def guided(net: torch.nn.Module, labels: torch.Tensor | None, weight: float = 1.
 
     The conditional and null passes run as one batch of twice the size."""
     if labels is None:
-        if weight != 1.0:
-            raise UserError("--guidance needs a class-conditional model (trained with --cond "
-                            "and --label-dropout); drop --guidance for this one")
+        check_request(0, weight=weight)
         return lambda x, sigma: net(x, sigma)
     if weight == 1.0:
         return lambda x, sigma: net(x, sigma, labels)
