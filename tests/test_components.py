@@ -6,29 +6,18 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from patch_diffusion.checkpoint import list_checkpoints, load_checkpoint
-from patch_diffusion.cli import main
 from patch_diffusion.metrics import inception as inc
 from patch_diffusion.networks import BACKBONES
 from patch_diffusion.precond import PRECONDS
 from patch_diffusion.samplers import SAMPLERS
 
 from conftest import write_images
+from test_cli import only_run_dir, run
 
 FAST = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--steps", "2", "--channels", "8"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def only_run_dir(outdir):
-    dirs = [p for p in outdir.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 def one_error_line(result, expected):
@@ -127,13 +116,18 @@ def class_folder(root, classes=3, per_class=6):
     return root
 
 
-def test_guidance_on_a_conditional_model(tmp_path):
+def train_conditional(tmp_path, label_dropout):
+    """The newest checkpoint of a tiny class-conditional run on three classes."""
     data = class_folder(tmp_path / "classes")
     out = tmp_path / "runs"
     result = run("train", "--data", data, "--outdir", out, "--duration", "0.03", "--cond",
-                 "--label-dropout", "0.5", *FAST)
+                 "--label-dropout", label_dropout, *FAST)
     assert result.exit_code == 0, result.output
-    ckpt = list_checkpoints(only_run_dir(out))[-1]
+    return list_checkpoints(only_run_dir(out))[-1]
+
+
+def test_guidance_on_a_conditional_model(tmp_path):
+    ckpt = train_conditional(tmp_path, 0.5)
     outputs, printed = {}, {}
     for name, extra in (("plain", []), ("w1", ["--guidance", "1"]), ("w3", ["--guidance", "3"]),
                         ("c2", ["--class", "2"])):
@@ -217,12 +211,7 @@ def test_full_label_dropout_learns_no_class_and_w0_ignores_it(tmp_path):
     """--label-dropout 1 trains on the null label only: the label weights keep their
     initial values, and guidance weight 0 (the null-label model) gives every class the
     same image."""
-    data = class_folder(tmp_path / "classes")
-    out = tmp_path / "runs"
-    result = run("train", "--data", data, "--outdir", out, "--duration", "0.03", "--cond",
-                 "--label-dropout", "1", *FAST)
-    assert result.exit_code == 0, result.output
-    last = list_checkpoints(only_run_dir(out))[-1]
+    last = train_conditional(tmp_path, 1)
     from patch_diffusion.generate import load_denoiser
     from patch_diffusion.model import build_denoiser
 

@@ -74,16 +74,22 @@ def run_sampler_sweep(checkpoint: str | Path, ref_path: str | Path, out: Path, *
     return results
 
 
-def write_sweep_report(results: dict[str, Any], path: Path) -> None:
+def _by_sampler(results: dict[str, Any]) -> dict[str, list[dict]]:
+    """The sweep's points per sampler, in order of network evaluations."""
     by_sampler: dict[str, list[dict]] = {}
     for p in results["points"]:
         by_sampler.setdefault(p["sampler"], []).append(p)
+    return {name: sorted(points, key=lambda p: p["nfe"]) for name, points in by_sampler.items()}
+
+
+def write_sweep_report(results: dict[str, Any], path: Path) -> None:
+    by_sampler = _by_sampler(results)
     s = results["settings"]
     lines = ["# FID against network evaluations", "",
              f"Checkpoint `{s['checkpoint']}`, {s['fid_num']} samples against `{s['ref']}`.", "",
              "| sampler | NFE (steps): FID |", "| --- | --- |"]
     for name, points in by_sampler.items():
-        cells = ", ".join(f"{p['nfe']} ({p['steps']}): {p['fid']:.2f}" for p in sorted(points, key=lambda p: p["nfe"]))
+        cells = ", ".join(f"{p['nfe']} ({p['steps']}): {p['fid']:.2f}" for p in points)
         lines.append(f"| {name} | {cells} |")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
@@ -95,11 +101,7 @@ def write_sweep_plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    by_sampler: dict[str, list[dict]] = {}
-    for p in results["points"]:
-        by_sampler.setdefault(p["sampler"], []).append(p)
-    for name, points in by_sampler.items():
-        points = sorted(points, key=lambda p: p["nfe"])
+    for name, points in _by_sampler(results).items():
         ax.plot([p["nfe"] for p in points], [p["fid"] for p in points], marker="o", label=name)
     ax.set_xlabel("network evaluations per image")
     ax.set_ylabel(f"FID ({results['settings']['fid_num']} samples)")
