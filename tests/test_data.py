@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import struct
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -131,6 +134,50 @@ def test_zip_matches_folder(tmp_path: Path) -> None:
         idx = torch.arange(6)
         assert torch.equal(folder.get_batch(idx)[0], zipped.get_batch(idx)[0])
         assert torch.equal(folder.get_batch(idx)[1], zipped.get_batch(idx)[1])
+
+
+@pytest.mark.parametrize("meta", [{"labels": None}, {}], ids=["null", "missing"])
+def test_dataset_json_without_labels_means_unlabelled(tmp_path: Path, meta: dict) -> None:
+    root = tmp_path / "set"
+    for k, cls in enumerate(("a", "b")):
+        _save(root / cls / f"{k}.png", _gray(k))
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as zf:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                zf.write(p, "set/" + p.relative_to(root).as_posix())
+    for spec in (root, tmp_path / "set.zip"):  # subfolders a/b must not become classes
+        ds = open_dataset(str(spec))
+        assert len(ds) == 2 and ds.num_classes == 0 and [ds[0][1], ds[1][1]] == [-1, -1]
+
+
+def test_macos_and_hidden_files_are_ignored(tmp_path: Path) -> None:
+    _save(tmp_path / "0.png", _gray(10))
+    _save(tmp_path / "1.png", _gray(20))
+    junk = b"\x00\x05\x16\x07 AppleDouble, not an image"
+    entries = {"set/a/img0.png": (tmp_path / "0.png").read_bytes(), "set/b/img1.png": (tmp_path / "1.png").read_bytes(),
+               "__MACOSX/set/a/._img0.png": junk, "set/.DS_Store": junk, "set/a/.hidden.png": junk}
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    ds = open_dataset(str(tmp_path / "mac.zip"))
+    assert len(ds) == 2 and ds.num_classes == 2
+    assert [(int(ds[i][0][0, 0, 0]), ds[i][1]) for i in range(2)] == [(10, 0), (20, 1)]
+    # dataset.json is still found under the common top folder.
+    meta = {"labels": [["a/img0.png", 5], ["b/img1.png", 3]]}
+    entries.update({"set/dataset.json": json.dumps(meta).encode(), "__MACOSX/set/._dataset.json": junk})
+    with zipfile.ZipFile(tmp_path / "mac2.zip", "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    ds = open_dataset(str(tmp_path / "mac2.zip"))
+    assert ds.num_classes == 6 and [ds[0][1], ds[1][1]] == [5, 3]
+
+    root = tmp_path / ".parent" / "folder"  # a hidden folder above the dataset root is fine
+    _save(root / "img.png", _gray(30))
+    _save(root / ".hidden" / "x.png", _gray(40, 2, 2))
+    (root / "._y.png").write_bytes(junk)
+    ds = open_dataset(str(root))
+    assert len(ds) == 1 and int(ds[0][0][0, 0, 0]) == 30
 
 
 def test_lazy_dataset_matches_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,6 +363,23 @@ def test_workers_match_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         del it
 
 
+def test_worker_errors_are_one_line_user_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _tiny_folder(tmp_path, 4)
+    monkeypatch.setattr(datasets, "MAX_IN_MEMORY_BYTES", 0)  # decode lazily, in the workers
+    ds = open_dataset(str(tmp_path))
+    assert not ds.in_memory
+    (tmp_path / "02.png").write_bytes(b"garbage, not a png")  # corrupted after the header check at open time
+    messages = []
+    for workers in (0, 1):
+        loader = InfiniteBatches(ds, 4, num_workers=workers, pin_memory=True)  # pinning only acts with CUDA
+        with pytest.raises(UserError) as info:
+            next(iter(loader))
+        messages.append(str(info.value))
+        del loader
+    assert re.fullmatch(r"cannot read image '.*02\.png' \(.*\); remove or replace it", messages[1])
+    assert "\n" not in messages[1] and messages[0] == messages[1]
+
+
 def test_idx_download_is_parsed_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if Path("/usr/share/datasets/mnist").exists():
         pytest.skip("system mnist present")
@@ -372,3 +436,12 @@ def test_dataset_on_a_device_gives_the_same_batches(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * ds.nbytes - 1, 8 * ds.nbytes))
     data_on_device(ds, config, torch.device("cuda"))
     assert len(moves) == 1
+
+
+def test_a_process_exits_while_its_persistent_workers_are_alive(tiny_data):
+    """Workers that ignore a group's SIGTERM must still end when their own process exits."""
+    code = ("import sys; from patch_diffusion.data import open_dataset, InfiniteBatches; "
+            f"it = iter(InfiniteBatches(open_dataset({str(tiny_data)!r}), 4, num_workers=1)); next(it); "
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

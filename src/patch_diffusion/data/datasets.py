@@ -3,6 +3,14 @@
 Every dataset yields uint8 tensors ``[C, H, W]`` with C in {1, 3} plus an int label
 (-1 when the source has no labels).
 
+Folders and zips: images are the .png/.jpg/.jpeg/.webp files at any depth. Hidden
+files and folders (names starting with '.', including macOS '._*' AppleDouble files)
+and '__MACOSX' folders are ignored, also when finding a zip's common top folder.
+Labels come from a ``dataset.json`` at the root (EDM format,
+``{"labels": [["path", int], ...]}``); one with ``"labels": null`` (or no "labels")
+marks the set unlabelled. Without a dataset.json, first-level subfolders are the
+classes when every image sits in one and there are at least two.
+
 Color rules, applied per image before any resizing:
   * palette ('P') images are expanded to RGB, or RGBA if they carry transparency;
   * alpha (RGBA, LA) is composited over white rather than dropped, so transparent
@@ -306,16 +314,24 @@ def _load_idx(name: str, split: str, cache_dir: Path) -> tuple[np.ndarray, np.nd
     return images, labels
 
 
+def _ignored(rel: str) -> bool:
+    """True for hidden files/folders ('.x', macOS '._x') and macOS zip metadata ('__MACOSX/')."""
+    return any(part == "__MACOSX" or (part.startswith(".") and part not in (".", ".."))
+               for part in rel.split("/"))
+
+
 def _list_images(path: Path) -> tuple[list[str], str | None, bytes | None]:
     """Sorted relative image paths, the zip prefix (None for folders) and dataset.json bytes if present."""
     if path.is_dir():
-        names = [p.relative_to(path).as_posix() for p in path.rglob("*")
-                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        rels = (p.relative_to(path).as_posix() for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        names = [r for r in rels if not _ignored(r)]
         meta = path / "dataset.json"
         return sorted(names), None, meta.read_bytes() if meta.is_file() else None
     try:
         with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.namelist() if not m.endswith("/")]
+            # Skipped before the prefix check: Finder zips add '__MACOSX/<folder>/...' beside '<folder>/...'.
+            members = [m for m in zf.namelist() if not m.endswith("/") and not _ignored(m)]
             # A zip of a folder keeps that folder as a common prefix; treat it as the root.
             tops = {m.split("/", 1)[0] for m in members}
             prefix = next(iter(tops)) + "/" if len(tops) == 1 and all("/" in m for m in members) else ""
@@ -327,21 +343,23 @@ def _list_images(path: Path) -> tuple[list[str], str | None, bytes | None]:
 
 
 def _labels_for(names: list[str], meta: bytes | None, where: str) -> tuple[list[int], int]:
-    """Labels from dataset.json, else from first-level subfolders (if there are at least two), else -1."""
+    """Labels from dataset.json (none if its labels are null), else from first-level subfolders
+    (if there are at least two), else -1."""
     if meta is not None:
         try:
             table = json.loads(meta).get("labels")
             table = None if table is None else {str(p).replace("\\", "/"): int(c) for p, c in table}
         except (ValueError, TypeError, AttributeError) as e:
             raise UserError(f"bad dataset.json in '{where}' ({_why(e)}); expected {{\"labels\": [[\"path\", int], ...]}}") from None
-        if table is not None:
-            missing = [n for n in names if n not in table]
-            if missing:
-                raise UserError(f"dataset.json in '{where}' has no label for '{missing[0]}'; add it or remove the image")
-            labels = [table[n] for n in names]
-            if min(labels) < 0:
-                raise UserError(f"dataset.json in '{where}' has a negative label; use labels 0..K-1")
-            return labels, max(labels) + 1
+        if table is None:  # EDM's dataset_tool writes "labels": null for unlabelled sets
+            return [-1] * len(names), 0
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise UserError(f"dataset.json in '{where}' has no label for '{missing[0]}'; add it or remove the image")
+        labels = [table[n] for n in names]
+        if min(labels) < 0:
+            raise UserError(f"dataset.json in '{where}' has a negative label; use labels 0..K-1")
+        return labels, max(labels) + 1
     folders = [n.split("/")[0] for n in names]
     classes = sorted(set(folders))
     if any(n.count("/") != 1 for n in names) or len(classes) < 2:

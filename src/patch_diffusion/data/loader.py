@@ -9,6 +9,8 @@ uninterrupted run would be, and batch size stays exact even across epoch ends.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -60,14 +62,48 @@ class _BatchSampler(torch.utils.data.Sampler):
         return batch_index_stream(*self.args)
 
 
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C and a cluster's SIGTERM reach every process of the job; a worker that died
+    of them would make the training process fail mid-step instead of finishing the step
+    and checkpointing. So workers ignore SIGINT, and obey SIGTERM only from their parent
+    (the DataLoader ending them, or Python's exit) — told apart by the sender's pid."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: keep the default
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_parent() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait_for_parent, daemon=True, name="sigterm-from-parent").start()
+
+
+class _WorkerUserError:
+    """A UserError message sent back from a DataLoader worker in place of a batch.
+
+    Raised there, torch would re-raise it here with a multi-line "Caught UserError in
+    DataLoader worker process ..." message. A plain object (not a tuple or str) passes
+    unchanged through pickling, the default conversion and pin_memory.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
 class _BatchFetcher(torch.utils.data.Dataset):
     """Lets a DataLoader worker fetch a whole batch with one ``get_batch`` call."""
 
     def __init__(self, dataset: ImageDataset) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dataset.get_batch(indices)
+    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | _WorkerUserError:
+        try:
+            return self.dataset.get_batch(indices)
+        except UserError as e:
+            return _WorkerUserError(str(e))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -104,7 +140,8 @@ class InfiniteBatches:
         workers = self.num_workers > 0
         return torch.utils.data.DataLoader(
             _BatchFetcher(self.dataset), batch_size=None, sampler=sampler, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=workers, prefetch_factor=2 if workers else None)
+            pin_memory=self.pin_memory, persistent_workers=workers, prefetch_factor=2 if workers else None,
+            worker_init_fn=_leave_signals_to_the_main_process if workers else None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0 and getattr(self.dataset, "in_memory", False):
@@ -118,4 +155,7 @@ class InfiniteBatches:
         # Built once so persistent workers survive repeated iter() calls.
         if self._loader is None:
             self._loader = self._make_loader()
-        yield from self._loader
+        for batch in self._loader:
+            if isinstance(batch, _WorkerUserError):
+                raise UserError(batch.message)
+            yield batch
