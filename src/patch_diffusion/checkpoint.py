@@ -3,12 +3,15 @@
 A checkpoint stores the EMA and raw weights, the optimiser's moments, the random
 generators' states and the training position as tensors, and the resolved run config
 and counters as JSON in the safetensors metadata. Loading never unpickles anything.
-Files are written to a temporary name, flushed to disk, then renamed: a crash leaves
-either the old file or the complete new one, never a torn one.
+Files are written to a temporary name, flushed to disk, renamed, and the folder entry
+flushed too: a crash or a full disk leaves either the old file or the complete new
+one, never a torn one. A SHA-256 of the tensors in the header catches files damaged
+after writing; the header itself is size-limited and must be a JSON object.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +28,7 @@ from .errors import UserError
 FORMAT = "patch-diffusion-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+MAX_HEADER_BYTES = 16 << 20  # ours are a few kB; refuse to parse anything absurd
 
 
 def checkpoint_name(step: int) -> str:
@@ -45,12 +49,47 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries, so a rename survives a power cut (no-op where the OS
+    cannot open folders, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that a crash interrupted (never renamed)."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Atomically save ``tensors`` with ``meta`` (JSON-serialisable) as its header."""
-    header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta)}
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta),
+              "sha256": tensors_digest(flat)}
     atomic_write_bytes(path, safetensors_save(flat, metadata=header))
 
 
@@ -64,6 +103,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_tensors: bool = True
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist; pass a checkpoint-*.safetensors file from a run folder")
+    _check_header_size(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
@@ -73,7 +113,6 @@ def load_checkpoint(path: str | os.PathLike, *, with_tensors: bool = True
                     "file written by 'patch-diffusion train'"
                 )
             tensors = {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}
-        meta = json.loads(header["meta"])
     except UserError:
         raise
     except Exception as exc:  # safetensors raises several types for torn or foreign files
@@ -81,7 +120,42 @@ def load_checkpoint(path: str | os.PathLike, *, with_tensors: bool = True
             f"cannot read checkpoint '{path}' ({type(exc).__name__}: it is truncated or not a "
             "safetensors file); use an earlier checkpoint from the same run folder"
         ) from None
+    try:
+        meta = json.loads(header["meta"])
+    except (KeyError, ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint '{path}' has a damaged header (its meta is not a JSON object); "
+                        "use an earlier checkpoint from the same run folder")
+    if with_tensors and "sha256" in header and tensors_digest(tensors) != header["sha256"]:
+        raise UserError(f"checkpoint '{path}' is corrupt (its tensors do not match their SHA-256); "
+                        "use an earlier checkpoint from the same run folder")
     return tensors, meta
+
+
+def _check_header_size(path: Path) -> None:
+    """Refuse a header longer than the file or than any checkpoint of ours could have,
+    before a parser allocates for it."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if size < 0 or size > MAX_HEADER_BYTES or 8 + size > path.stat().st_size:
+        raise UserError(f"cannot read checkpoint '{path}' (its header length {size} is impossible: it is "
+                        "truncated or not a safetensors file); use an earlier checkpoint from the same run folder")
+
+
+def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in ``run_dir`` that loads and passes its checksum, and the
+    newer ones that did not (with why)."""
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path)
+        except UserError as exc:
+            bad.append((path, str(exc)))
+            continue
+        return path, bad
+    return None, bad
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

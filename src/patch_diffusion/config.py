@@ -314,6 +314,20 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def read_config(data: Any, source: str) -> TrainConfig:
+    """A run config read from a file: anything malformed (a damaged or hostile header)
+    is a one-line UserError, never a traceback."""
+    if not isinstance(data, dict):
+        raise UserError(f"'{source}' holds no run config; pass a file written by patch-diffusion")
+    try:
+        return from_dict(TrainConfig, data)
+    except UserError as exc:
+        raise UserError(f"'{source}': {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        raise UserError(f"'{source}' holds a run config this version cannot read ({type(exc).__name__}); "
+                        "pass a file written by patch-diffusion") from None
+
+
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """A version-1 run config (DDPM++ and EDM built in) in today's form.
 
