@@ -204,22 +204,26 @@ def train(**o: Any) -> None:
 @_guidance_option
 @click.option("--class", "class_label", type=int, help="Class to generate (conditional models; default: drawn per seed).")
 @click.option("--grid/--no-grid", default=True, show_default=True, help="Also write grid.png.")
+@click.option("--overwrite", is_flag=True, help="Regenerate every seed; by default seeds whose PNG exists complete are skipped (so an interrupted run can be re-run to finish).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 def generate(checkpoint: str, outdir: str, seeds: str, batch: int, steps: int | None,
              sampler: str | None, S_churn: float | None, S_min: float | None, S_max: float | None,
              S_noise: float | None, eta: float | None, guidance: float | None,
-             class_label: int | None, grid: bool, device: str) -> None:
-    """Generate images from a checkpoint, one PNG per seed."""
+             class_label: int | None, grid: bool, overwrite: bool, device: str) -> None:
+    """Generate images from a checkpoint, one PNG per seed (existing PNGs are kept)."""
     from .generate import generate_to_folder, parse_seeds
 
     seed_list = parse_seeds(seeds)
     changes = dict(name=sampler, num_steps=steps, S_churn=S_churn, S_min=S_min, S_max=S_max,
                    S_noise=S_noise, eta=eta, guidance=guidance)
-    written, nfe = generate_to_folder(checkpoint, outdir, seed_list, sampler_changes=changes,
-                                      batch_size=batch, device=device, grid=grid, class_label=class_label)
+    done = generate_to_folder(checkpoint, outdir, seed_list, sampler_changes=changes, batch_size=batch,
+                              device=device, grid=grid, class_label=class_label, overwrite=overwrite)
     passes = " (each a conditional and a null pass: --guidance)" if guidance not in (None, 1.0) else ""
-    click.echo(f"wrote {len(seed_list)} images to {outdir}" + (f" (grid: {written[-1]})" if grid else ""))
-    click.echo(f"{nfe} network evaluations per image{passes}")
+    if done.skipped:
+        click.echo(f"skipped {done.skipped} seeds whose PNGs exist (delete them or pass --overwrite "
+                   "to regenerate)")
+    click.echo(f"wrote {done.sampled} images to {outdir}" + (f" (grid: {done.grid})" if done.grid else ""))
+    click.echo(f"{done.nfe} network evaluations per image{passes}")
 
 
 @main.command()

@@ -1,22 +1,26 @@
 """Seeds -> images: load a checkpoint's EMA denoiser, sample at full resolution, save PNGs.
 
 Image k depends on seed k alone (its own noise stream), not on the batch it was
-drawn in, so the same seed always gives the same image.
+drawn in, so the same seed always gives the same image, and a folder of PNGs from an
+interrupted run can be completed by sampling only the missing seeds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from io import BytesIO
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, unprefixed
-from .config import SamplerConfig, TrainConfig, from_dict, replace
+from .config import SamplerConfig, TrainConfig, read_config, replace, to_dict
 from .devices import resolve_device, to_device
 from .errors import UserError
 from .guidance import check_request, guided, seed_labels
@@ -30,7 +34,7 @@ def load_denoiser(path: str | os.PathLike, device: torch.device,
     """The denoiser (EMA weights by default) and the run config stored in a checkpoint:
     the backbone and preconditioning it names, rebuilt from their recorded configs."""
     tensors, meta = load_checkpoint(path)
-    config = from_dict(TrainConfig, meta["config"])
+    config = read_config(meta.get("config"), str(path))
     if meta.get("backbone", config.model.backbone) != config.model.backbone:
         raise UserError(f"'{path}' holds a custom backbone ({meta['backbone']}); build that network "
                         "in Python and load the weights with patch_diffusion.load_weights")
@@ -173,6 +177,53 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+# grid.png shows the first GRID_MAX images; only these stay in memory while generating.
+GRID_MAX = 256
+_PNG_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # what encode_png writes per channel count
+
+
+def read_png(path: Path, shape: tuple[int, int, int]) -> torch.Tensor | None:
+    """The uint8 [C, H, W] image in ``path`` when it is a complete PNG of ``shape``
+    (as ``encode_png`` writes it); None when missing, corrupt, or of another size."""
+    channels, height, width = shape
+    try:
+        with Image.open(path) as pil:
+            pil.verify()  # chunk structure and checksums; a truncated file fails here or in load
+        with Image.open(path) as pil:
+            if pil.format != "PNG" or pil.size != (width, height) or pil.mode != _PNG_MODES.get(channels):
+                return None
+            array = np.array(pil)
+    except (OSError, SyntaxError, ValueError, EOFError):  # FileNotFoundError is an OSError
+        return None
+    return torch.from_numpy(array.reshape(height, width, channels)).permute(2, 0, 1).contiguous()
+
+
+def _check_settings(outdir: Path, settings: dict, overwrite: bool) -> None:
+    """Record what the PNGs in ``outdir`` were made with (generate.json), and refuse to
+    complete a folder made with other settings: skipping its PNGs would mix two runs."""
+    record = outdir / "generate.json"
+    if not overwrite and record.is_file() and any(outdir.glob("seed*.png")):
+        try:
+            before = json.loads(record.read_text())
+        except ValueError:
+            before = None
+        if before != settings:
+            what = ", ".join(k for k in settings if not isinstance(before, dict) or before.get(k) != settings[k])
+            raise UserError(f"'{outdir}' holds images made with another {what or 'setup'}; choose another "
+                            "--outdir, or pass --overwrite to replace them")
+    atomic_write_bytes(record, (json.dumps(settings, indent=1) + "\n").encode())
+
+
+class Generated(NamedTuple):
+    """What ``generate_to_folder`` did."""
+
+    paths: list[Path]  # one PNG per seed, in seed order (new or found complete)
+    grid: Path | None  # grid.png, unless no grid was asked for
+    sampled: int  # images generated now
+    skipped: int  # seeds whose PNG already existed
+    nfe: int  # network evaluations per image
+
+
 def generate_to_folder(
     checkpoint: str | os.PathLike,
     outdir: str | os.PathLike,
@@ -183,11 +234,19 @@ def generate_to_folder(
     device: str = "auto",
     grid: bool = True,
     class_label: int | None = None,
+    overwrite: bool = False,
     progress: bool = True,
-) -> tuple[list[Path], int]:
-    """Write seed{NNNNNN}.png for each seed (and grid.png); returns the written paths and
-    the network evaluations per image.
+) -> Generated:
+    """Write seed{NNNNNN}.png for each seed, and grid.png of the first ``GRID_MAX``.
 
+    Seeds whose PNG already exists complete (it opens, with the model's size and
+    channels) are skipped unless ``overwrite``: as image k depends on seed k alone,
+    re-running an interrupted command samples only the missing seeds and ends with the
+    same files as an uninterrupted run. The grid reads skipped images back from their
+    PNGs. Images go to disk batch by batch; only the grid's images stay in memory.
+
+    ``nfe`` is the network evaluations per image counted while sampling or, when every
+    PNG already existed, the sampler's own count for its step number.
     ``sampler_changes`` overrides fields of the run's own sampler settings.
     """
     dev = resolve_device(device)
@@ -197,20 +256,32 @@ def generate_to_folder(
     check_request(net.label_dim, class_label, sampler.guidance)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    kept: list[torch.Tensor] = []
+    _check_settings(outdir, {"checkpoint": str(Path(checkpoint).resolve()), "sampler": to_dict(sampler),
+                             "class_label": class_label}, overwrite)
+    shape = (net.image_channels, *config.model.resolution)
+    paths = [outdir / f"seed{seed:06d}.png" for seed in seeds]
+    shown = min(len(seeds), GRID_MAX) if grid else 0
+    first: dict[int, torch.Tensor] = {}  # position in seeds -> image, for the grid
+    todo: list[int] = []  # positions still to sample
+    for k, path in enumerate(paths):
+        image = None if overwrite else read_png(path, shape)
+        if image is None:
+            todo.append(k)
+        elif k < shown:
+            first[k] = image
     counter = [0]
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-        images = sample(net, batch, sampler, config.model.resolution, dev, class_label=class_label,
-                        counter=counter)
-        for seed, image in zip(batch, images):
-            path = outdir / f"seed{seed:06d}.png"
-            atomic_write_bytes(path, encode_png(image))
-            written.append(path)
-        if grid:
-            kept.append(images)
-    if grid:
-        written.append(save_grid(torch.cat(kept)[:256], outdir / "grid.png",
-                                 scale=max(1, 64 // max(config.model.resolution))))
-    return written, counter[0] // max(len(batches), 1)
+        images = sample(net, [seeds[k] for k in batch], sampler, config.model.resolution, dev,
+                        class_label=class_label, counter=counter)
+        for k, image in zip(batch, images):
+            atomic_write_bytes(paths[k], encode_png(image))
+            if k < shown:
+                first[k] = image.clone()  # a view would keep the whole batch alive
+    grid_path = None
+    if shown:
+        grid_path = save_grid(torch.stack([first[k] for k in range(shown)]), outdir / "grid.png",
+                              scale=max(1, 64 // max(config.model.resolution)))
+    # Every batch makes the same number of network calls, each over the whole batch.
+    nfe = counter[0] // len(batches) if batches else get_sampler(sampler.name).nfe(sampler.num_steps)
+    return Generated(paths, grid_path, len(todo), len(seeds) - len(todo), nfe)
