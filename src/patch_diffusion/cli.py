@@ -101,6 +101,12 @@ class _Main(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; checkpoints written so far are intact (resume with --resume latest)", err=True)
             sys.exit(130)
+        except Exception as exc:
+            from .train import Interrupted  # SIGTERM/SIGINT during training, checkpoint saved
+            if not isinstance(exc, Interrupted):
+                raise
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -134,7 +140,7 @@ def main() -> None:
 @click.option("--compile/--no-compile", default=None, help="torch.compile the network (one graph per patch size; pays off on GPUs).")
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for the convolutions.")
 @click.option("--duration", type=float, help="Training length in kimg (thousands of images seen).")
-@click.option("--minutes", type=float, help="Stop after this many minutes of training steps (checkpointed; resumable).")
+@click.option("--minutes", type=float, help="Stop after this many minutes of training steps in this call (checkpointed; --resume latest continues for as long again).")
 @click.option("--batch", type=int, help="Base batch size (an R/d patch step uses d times as many images).")
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--warmup", type=float, help="Learning-rate warm-up length in kimg.")
@@ -168,17 +174,21 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 def train(**o: Any) -> None:
     """Train a diffusion model with Patch Diffusion."""
-    from .runs import latest_checkpoint
+    from .runs import resumable_checkpoint
     from .train import checkpoint_config, train as run_training
 
     outdir = Path(o["outdir"])
     resume_from, run_dir = None, None
     if o["resume"] == "latest":
-        resume_from = latest_checkpoint(outdir)
+        resume_from, skipped = resumable_checkpoint(outdir)
+        for path, why in skipped:
+            click.echo(f"skipping {path}: {why}", err=True)
         if resume_from is None:
             click.echo(f"no checkpoint in '{outdir}' to resume; starting a new run", err=True)
         else:
             run_dir = resume_from.parent  # continue the same run folder
+            if skipped:
+                click.echo(f"resuming from the newest good checkpoint, {resume_from.name}", err=True)
     elif o["resume"]:
         resume_from = Path(o["resume"])  # a new run folder starts from this state
     base = checkpoint_config(resume_from) if resume_from else get_preset(o["preset"])

@@ -79,14 +79,14 @@ class PatchSchedule:
             self._shares: tuple[float, ...] = ()
             self.real_p_range = (1.0, 1.0)
             return
-        sizes = config.patch_sizes or _default_patch_sizes(height)
+        sizes = config.patch_sizes or default_patch_sizes(height)
         divisors = []
         for size in sorted(set(sizes)):
             if size <= 0 or size >= height or height % size or width % (height // size):
                 raise UserError(
                     f"patch size {size} does not divide the {height}x{width} canvas into "
                     f"equal crops; pick sizes below {height} that divide it, e.g. "
-                    f"{','.join(str(s) for s in _default_patch_sizes(height)) or height // 2}"
+                    f"{','.join(str(s) for s in default_patch_sizes(height)) or height // 2}"
                 )
             divisors.append(height // size)
         divisors.sort(reverse=True)  # smallest patch (largest divisor) first
@@ -144,7 +144,7 @@ class PatchSchedule:
         return self.divisors[-1]
 
 
-def _default_patch_sizes(height: int) -> tuple[int, ...]:
+def default_patch_sizes(height: int) -> tuple[int, ...]:
     return tuple(height // d for d in (4, 2) if height % d == 0 and height // d > 0)
 
 

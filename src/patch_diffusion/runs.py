@@ -10,7 +10,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints
+from .errors import UserError
+
+from .checkpoint import list_checkpoints, newest_good_checkpoint
 
 _RUN = re.compile(r"^(\d{5})-")
 
@@ -46,18 +48,49 @@ def latest_checkpoint(outdir: Path) -> Path | None:
     return None
 
 
+def resumable_checkpoint(outdir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of the newest run folder that has one, skipping files that
+    are truncated or corrupt; also the skipped files with why. A run folder whose
+    checkpoints are all damaged is an error rather than a silent fall-back to an older run."""
+    for run in reversed(run_dirs(outdir)):
+        if list_checkpoints(run):
+            good, bad = newest_good_checkpoint(run)
+            if good is None:
+                raise UserError(f"no readable checkpoint in '{run}' ({bad[0][1]}); pass an older "
+                                "run's checkpoint with --resume PATH, or start a new run")
+            return good, bad
+    return None, []
+
+
 class RunLog:
     """Appends human lines to log.txt and JSON records to stats.jsonl."""
+
+    FILES = ("log.txt", "stats.jsonl")
 
     def __init__(self, run_dir: Path, echo: bool = True) -> None:
         self.run_dir = run_dir
         self.echo = echo
 
-    def info(self, message: str) -> None:
+    def sizes(self) -> dict[str, int]:
+        """Each log file's length in bytes (stored with a checkpoint)."""
+        return {name: (self.run_dir / name).stat().st_size if (self.run_dir / name).exists() else 0
+                for name in self.FILES}
+
+    def rewind(self, sizes: dict[str, int]) -> None:
+        """Cut each log back to the length it had when a checkpoint was saved, so a resumed
+        run logs each step once."""
+        for name in self.FILES:
+            path = self.run_dir / name
+            size = sizes.get(name)
+            if size is not None and path.exists() and path.stat().st_size > size:
+                with open(path, "r+b") as f:
+                    f.truncate(size)
+
+    def info(self, message: str, echo: bool = True) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
         with open(self.run_dir / "log.txt", "a") as f:
             f.write(line + "\n")
-        if self.echo:
+        if self.echo and echo:
             tqdm.write(message)
 
     def stats(self, record: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ class TrainState:
     data_batches: int = 0  # loader batches consumed (the data position)
     train_seconds: float = 0.0  # time spent in training steps (not grids, FID or checkpoints)
     images: int = 0  # crops trained on (d x batch per step): the progressive schedule's clock
+    skipped_steps: int = 0  # steps whose loss was not finite (no update made)
 
 
 class Trainer:
@@ -65,9 +66,11 @@ class Trainer:
         self.state = TrainState()
         self.autocast = autocast_for(config, device)
         self.loader: Iterator | None = None
+        self.data_size: int | None = None
 
     def start_data(self, dataset: ImageDataset, num_workers: int) -> None:
         """Open the data stream at the current data position."""
+        self.data_size = len(dataset)
         self.loader = iter(InfiniteBatches(dataset, self.config.batch_size, seed=self.config.seed,
                                            start_batch=self.state.data_batches, num_workers=num_workers,
                                            pin_memory=self.device.type == "cuda"))
@@ -102,8 +105,9 @@ class Trainer:
             cond = drop_labels(cond, model.label_dropout, self.noise_gen)
         return laid_out(make_patches(images, cond, divisor, self.patch_gen), self.config)
 
-    def optimise(self, batch: PatchBatch) -> torch.Tensor:
-        """Loss, backward, Adam and EMA for one batch of crops; returns the loss (on device)."""
+    def optimise(self, batch: PatchBatch) -> torch.Tensor | None:
+        """Loss, backward, Adam and EMA for one batch of crops; returns the loss (on device),
+        or None when it was not finite: then nothing is updated and the step is not counted."""
         config, state = self.config, self.state
         lr = step_lr(config, state.step, self.img_per_step, batch.divisor)
         for group in self.optimizer.param_groups:
@@ -113,6 +117,11 @@ class Trainer:
             loss = denoising_loss(self.step_net, batch.images, batch.pos, batch.labels, config.loss,
                                   self.noise_gen, divisor=batch.divisor, precond=self.net)
         loss.backward()
+        # Checked once the backward pass is queued, so the wait for the GPU costs about one
+        # kernel launch instead of the whole step's lead.
+        if not torch.isfinite(loss):
+            state.skipped_steps += 1
+            return None
         for p in self.net.parameters():  # EDM: a rare non-finite gradient must not poison Adam
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)

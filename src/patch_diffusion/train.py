@@ -10,50 +10,139 @@ data position, so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (checkpoint_name, load_checkpoint, optimizer_from_tensors,
-                         optimizer_to_tensors, prefixed, prune_checkpoints, save_checkpoint,
-                         unprefixed)
-from .config import TrainConfig, from_dict, to_dict, to_json
+from .checkpoint import (atomic_write_bytes, checkpoint_name, load_checkpoint, optimizer_from_tensors,
+                         optimizer_to_tensors, prefixed, prune_checkpoints, remove_stale_temp_files,
+                         save_checkpoint, unprefixed)
+from .config import TrainConfig, read_config, to_dict, to_json
 from .data import ImageDataset, default_num_workers, open_dataset
 from .devices import resolve_device
 from .errors import UserError
 from .evaluate import FIDTracker
 from .generate import sample, save_grid
 from .networks import get_backbone
-from .patches import PatchSchedule
+from .patches import PatchSchedule, default_patch_sizes
 from .runs import RunLog, new_run_dir
 from .step import Trainer, TrainState
 
 
-def resolve_config(config: TrainConfig, dataset: ImageDataset) -> TrainConfig:
-    """Fill in what comes from the data and check the patch sizes fit the network."""
+def resolve_config(config: TrainConfig, dataset: ImageDataset, notes: list[str] | None = None
+                   ) -> TrainConfig:
+    """Fill in what comes from the data and check the patch sizes fit the network.
+
+    When the user gave no patch sizes and one of the defaults (R/4, R/2) does not fit
+    the network (28 px images: 7 px patches), the sizes that fit are used and a line
+    saying so is added to ``notes``.
+    """
     if config.data.cond and not dataset.num_classes:
         raise UserError(f"--cond needs class labels but '{config.data.path}' has none; "
                         "use class subfolders or a dataset.json, or drop --cond")
+    if config.batch_size < 1:
+        raise UserError("--batch must be at least 1")
     label_dim = dataset.num_classes if config.data.cond else 0
     model = replace(config.model, resolution=tuple(dataset.resolution),
                     channels=dataset.channels, label_dim=label_dim)
     config = replace(config, model=model)
-    schedule = PatchSchedule(config.patch, model.resolution)
     multiple = get_backbone(model.backbone).size_multiple(model.backbone_config)
-    for divisor in reversed(schedule.divisors):  # the full canvas first: it must fit in any case
+    height, width = model.resolution
+    if height % multiple or width % multiple:
+        raise UserError(f"{height}x{width} images do not fit the {model.backbone} network, whose sides "
+                        f"must divide by {multiple}; use --resolution {_fitting_size(height, 4 * multiple)} "
+                        "--fit pad (or resize), or fewer resolution levels")
+    schedule = PatchSchedule(config.patch, model.resolution)
+    if not config.patch.patch_sizes and len(schedule.divisors) > 1:
+        config = _fitting_defaults(config, schedule, multiple, notes)
+        schedule = PatchSchedule(config.patch, model.resolution)
+    for divisor in schedule.divisors:
         h, w = schedule.patch_shape(divisor)
         if h % multiple or w % multiple:
-            what = "patches" if divisor > 1 else "images"
             raise UserError(
-                f"{h}x{w} {what} do not fit the {model.backbone} network, whose sides must divide "
+                f"{h}x{w} patches do not fit the {model.backbone} network, whose sides must divide "
                 f"by {multiple}; use larger --patch-sizes, --resolution/--fit, or fewer resolution levels"
             )
-    if config.batch_size < 1:
-        raise UserError("--batch must be at least 1")
     return config
+
+
+def _fitting_defaults(config: TrainConfig, schedule: PatchSchedule, multiple: int,
+                      notes: list[str] | None) -> TrainConfig:
+    """The default patch sizes that the network takes; an error naming a canvas that
+    fits when none does."""
+    height, width = config.model.resolution
+    sizes = default_patch_sizes(height)
+    fitting = tuple(s for s in sizes if s % multiple == 0 and (width // (height // s)) % multiple == 0)
+    if fitting == sizes:
+        return config
+    dropped = ", ".join(f"{s}x{width // (height // s)}" for s in sizes if s not in fitting)
+    why = f"the {config.model.backbone} network needs sides divisible by {multiple}"
+    if not fitting:
+        raise UserError(f"the default patches ({dropped}) do not fit {height}x{width} images: {why}; "
+                        f"use --resolution {_fitting_size(height, 4 * multiple)} --fit pad, or "
+                        "--patch-sizes, or --schedule full")
+    if config.patch.probs:
+        raise UserError(f"the default patches {dropped} do not fit ({why}), so --patch-probs has no "
+                        "sizes to refer to; give --patch-sizes with it")
+    if notes is not None:
+        kept = ", ".join(f"{s}x{width // (height // s)}" for s in fitting)
+        notes.append(f"patch sizes: {kept} (default {dropped} left out: {why}; "
+                     f"--patch-sizes or --resolution {_fitting_size(height, 4 * multiple)} --fit pad to choose)")
+    return replace(config, patch=replace(config.patch, patch_sizes=fitting))
+
+
+def _fitting_size(size: int, multiple: int) -> int:
+    """The smallest canvas side >= ``size`` that divides by ``multiple``."""
+    return -(-size // multiple) * multiple
+
+
+MAX_NONFINITE_STEPS = 5  # non-finite losses in a row before a run stops
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; ``str()`` says
+    how to resume. ``exit_code`` is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop at the next step boundary (clusters
+    send SIGTERM before preemption); a second Ctrl-C raises KeyboardInterrupt at once.
+    Handlers can only be set from the main thread; elsewhere signals keep their default."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.received = signum
+        again = " (Ctrl-C again to quit at once)" if signum == signal.SIGINT else ""
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step{again}\n")
 
 
 def train(
@@ -64,6 +153,7 @@ def train(
     run_dir: Path | None = None,
     backbone: torch.nn.Module | None = None,
     stop_after_minutes: float | None = None,
+    pace_minutes: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Train as ``config`` says; returns the run folder.
@@ -74,23 +164,30 @@ def train(
     ``backbone(x, noise_labels, class_labels)`` whose input has image channels + 2
     coordinate channels and whose output has the image channels.
 
-    Time limits count training steps only: ``config.max_minutes`` ends the run (and,
-    when it comes before ``duration_kimg``, paces the progressive schedule), while
-    ``stop_after_minutes`` pauses it with a checkpoint, to be resumed later.
+    Time limits count training steps only (not grids, FID or checkpoints).
+    ``config.max_minutes`` applies to each call, so a run continues in slices; when the
+    run's duration is not reached first, it also paces the progressive schedule, as if
+    training ended with this call (``pace_minutes`` sets that total time instead).
+    ``stop_after_minutes`` pauses when the run's total training time reaches it.
+
+    SIGTERM or SIGINT saves a checkpoint after the current step and raises
+    ``Interrupted``; a loss that is not finite skips its step, and
+    ``MAX_NONFINITE_STEPS`` of them in a row stop the run with a ``UserError``.
     """
     device = resolve_device(config.device)
     dataset = open_dataset(config.data.path, resolution=config.data.resolution,
                            fit=config.data.fit, channels=config.data.channels,
                            max_images=config.data.max_images)
-    config = resolve_config(config, dataset)
+    notes: list[str] = []
+    config = resolve_config(config, dataset, notes)
     trainer = Trainer(config, device, backbone)
     state = trainer.state
+    meta: dict[str, Any] = {}
     if resume_from is not None:
         tensors, meta = load_checkpoint(resume_from)
-        if meta.get("backbone") != _backbone_name(config, backbone):
-            raise UserError(f"'{resume_from}' was trained with backbone {meta.get('backbone')}; "
-                            "resume it with the same network")
-        _restore(trainer, tensors, meta)
+        check_resume(config, meta, dataset, _backbone_name(config, backbone), resume_from)
+        notes += _restore(trainer, tensors, meta)
+        del tensors
     elif backbone is None:
         _load_pretrained(trainer, config)
 
@@ -102,23 +199,32 @@ def train(
 
     run_dir = Path(run_dir) if run_dir else new_run_dir(Path(outdir), _run_desc(config))
     log = RunLog(run_dir, echo=progress)
-    (run_dir / "config.json").write_text(to_json(config) + "\n")
+    if resume_from is not None and Path(resume_from).parent.resolve() == run_dir.resolve():
+        # Lines logged after that checkpoint describe steps about to be run again.
+        log.rewind(meta.get("logs", {}))
+        for stale in remove_stale_temp_files(run_dir):
+            notes.append(f"removed {stale.name}, left by a write that was interrupted")
+    atomic_write_bytes(run_dir / "config.json", (to_json(config) + "\n").encode())
     _describe(log, trainer, dataset, resume_from, _backbone_name(config, backbone))
+    for note in notes:
+        log.info(note)
     if state.step == 0:
         reals = dataset.get_batch(torch.arange(min(config.grid_seeds, len(dataset))))[0]
         save_grid(reals, run_dir / "reals.png", scale=_grid_scale(config))
 
-    dataset = data_on_device(dataset, config, device)
+    data = data_on_device(dataset, config, device)
     num_workers = config.data.num_workers
     if num_workers is None:  # in-memory data is one tensor index per batch: workers only add IPC
-        num_workers = 0 if dataset.in_memory else default_num_workers()
-    trainer.start_data(dataset, num_workers)
+        num_workers = 0 if data.in_memory else default_num_workers()
+    trainer.start_data(data, num_workers)
     img_per_step = trainer.img_per_step
     every = {name: max(1, round(kimg * 1000 / img_per_step)) for name, kimg in
              (("log", config.log_kimg), ("ckpt", config.checkpoint_kimg), ("grid", config.sample_kimg),
               ("fid", config.fid_every_kimg or 0.0))}
 
-    limit = config.max_minutes * 60 if config.max_minutes is not None else None
+    # --minutes is counted from this call's start, so `--resume latest` continues a run in slices.
+    limit = state.train_seconds + config.max_minutes * 60 if config.max_minutes is not None else None
+    pace = pace_minutes * 60 if pace_minutes is not None else limit
     pause = stop_after_minutes * 60 if stop_after_minutes is not None else None
     window = {"loss": 0.0, "steps": 0, "images": 0, "busy": 0.0}
     if limit:  # a time budget: the bar counts training seconds, not a step total it may never reach
@@ -126,42 +232,130 @@ def train(
     else:
         bar = tqdm(total=trainer.total_steps, initial=state.step, desc="training", unit="step",
                    disable=not progress, dynamic_ncols=True)
-    stopped_early = False
-    while state.step < trainer.total_steps:
-        step_start = time.monotonic()
-        divisor = trainer.draw_divisor(limit)
-        batch = trainer.patches(*trainer.load(divisor), divisor)
-        loss = trainer.optimise(batch)
-        step_seconds = time.monotonic() - step_start
-        state.train_seconds += step_seconds
-
-        window["busy"] += step_seconds
-        window["loss"] += loss
-        window["steps"] += 1
-        window["images"] += batch.images.shape[0]
-        if limit:
-            advance(bar, step_seconds)
-        else:
-            bar.update(1)
-        over_time = any(t is not None and state.train_seconds >= t for t in (limit, pause))
-        done = state.step == trainer.total_steps or over_time
-        if state.step % every["log"] == 0 or done:
-            _log_stats(log, bar, window, state, img_per_step, trainer.lr())
-        if state.step % every["grid"] == 0 or done:
-            _sample_grid(trainer, run_dir, log)
-        if fid is not None and (state.step % every["fid"] == 0 or done):
-            _fid_point(trainer, fid, log)
-        if state.step % every["ckpt"] == 0 or done:
-            _save(run_dir, trainer, backbone)
-        if over_time:
-            log.info(f"stopping after {state.train_seconds / 60:.2f} minutes of training (step "
-                     f"{state.step}); resume with --resume latest")
-            stopped_early = True
-            break
+    stop_reason = None
+    nonfinite = 0
+    with StopSignals() as signals:
+        while state.step < trainer.total_steps:
+            step_start = time.monotonic()
+            divisor = trainer.draw_divisor(pace)
+            batch = trainer.patches(*trainer.load(divisor), divisor)
+            loss = trainer.optimise(batch)
+            step_seconds = time.monotonic() - step_start
+            state.train_seconds += step_seconds
+            if limit:
+                advance(bar, step_seconds)
+            if loss is None:
+                nonfinite += 1
+                _nonfinite_step(log, state, nonfinite, run_dir)
+            else:
+                nonfinite = 0
+                window["busy"] += step_seconds
+                window["loss"] += loss
+                window["steps"] += 1
+                window["images"] += batch.images.shape[0]
+                if not limit:
+                    bar.update(1)
+            over_time = any(t is not None and state.train_seconds >= t for t in (limit, pause))
+            done = state.step == trainer.total_steps or over_time
+            if signals.received is not None:  # save and leave: a preempted job has seconds, not minutes
+                if window["steps"]:
+                    _log_stats(log, bar, window, state, img_per_step, trainer.lr())
+                _save(run_dir, trainer, backbone, log)
+                stop_reason = signals.received
+                break
+            if loss is None:
+                continue
+            if state.step % every["log"] == 0 or done:
+                _log_stats(log, bar, window, state, img_per_step, trainer.lr())
+            if state.step % every["grid"] == 0 or done:
+                _sample_grid(trainer, run_dir, log)
+            if fid is not None and (state.step % every["fid"] == 0 or done):
+                _fid_point(trainer, fid, log)
+            if state.step % every["ckpt"] == 0 or done:
+                _save(run_dir, trainer, backbone, log)
+            if over_time:
+                what = (f"--minutes {config.max_minutes:g} used up" if limit and state.train_seconds >= limit
+                        else f"paused after {state.train_seconds / 60:.2f} minutes of training")
+                log.info(f"stopping: {what} at step {state.step} "
+                         f"({state.step * img_per_step / 1000:.1f} kimg); {_resume_hint(run_dir)}")
+                stop_reason = "time"
+                break
     bar.close()
-    if not stopped_early:
+    if stop_reason is None:
         log.info(f"done: {state.step} steps, {state.step * img_per_step / 1000:.1f} kimg")
+    elif stop_reason != "time":
+        message = (f"stopped by {signal.Signals(stop_reason).name} at step {state.step}, checkpoint "
+                   f"saved; {_resume_hint(run_dir)}")
+        log.info(message, echo=False)  # the caller shows it
+        raise Interrupted(message, stop_reason)
     return run_dir
+
+
+def _resume_hint(run_dir: Path) -> str:
+    return (f"continue with: patch-diffusion train --outdir {run_dir.parent} --resume latest "
+            "(--minutes applies to each call)")
+
+
+def _nonfinite_step(log: RunLog, state: TrainState, in_a_row: int, run_dir: Path) -> None:
+    """Log a skipped step; stop the run, keeping its last checkpoint, when they repeat."""
+    log.info(f"loss not finite at step {state.step + 1}: step skipped, weights unchanged "
+             f"({in_a_row} in a row, {state.skipped_steps} in all)")
+    if in_a_row >= MAX_NONFINITE_STEPS:
+        from .checkpoint import list_checkpoints
+        kept = list_checkpoints(run_dir)
+        last = f"the last checkpoint ({kept[-1].name}) is from before" if kept else "no checkpoint was written"
+        raise UserError(f"the loss was not finite for {in_a_row} steps in a row (up to step "
+                        f"{state.step + 1}); stopped, {last}: lower --lr, use --precision fp32, or "
+                        "check the data for bad values")
+
+
+_FIXED_ON_RESUME = {  # what the data position, the weights or the random streams depend on
+    "batch_size": "--batch", "seed": "--seed", "data.path": "--data", "data.resolution": "--resolution",
+    "data.fit": "--fit", "data.channels": "the channel count", "data.max_images": "--max-images",
+    "data.cond": "--cond", "model": "the network options", "patch": "the patch schedule options",
+    "loss": "the loss options",
+}
+
+
+def check_resume(config: TrainConfig, meta: dict, dataset: ImageDataset, backbone: str,
+                 path: Path) -> None:
+    """Refuse to resume with a change that would silently remap the data position or
+    not fit the saved state; duration, time limits, learning rate, intervals, device
+    and workers may change."""
+    if meta.get("backbone") != backbone:
+        raise UserError(f"'{path}' was trained with backbone {meta.get('backbone')}; "
+                        "resume it with the same network")
+    saved = read_config(meta["config"], str(path))
+    mine, theirs = to_dict(config), to_dict(saved)
+    for key, what in _FIXED_ON_RESUME.items():
+        a, b = _lookup(mine, key), _lookup(theirs, key)
+        if a != b:
+            where = _first_difference(a, b, key)
+            raise UserError(f"cannot resume '{path}' with other {what}: {where}; resume without "
+                            "changing it, or start a new run")
+    images = meta.get("data", {}).get("images")
+    if images is not None and images != len(dataset):
+        raise UserError(f"'{config.data.path}' now has {len(dataset)} images but '{path}' was trained "
+                        f"on {images}; the data order depends on the set, so resume on the same "
+                        "images or start a new run")
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+    return f"{where} is {_shown(a)}, the checkpoint's is {_shown(b)}"
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else str(value)
 
 
 def time_bar(seconds: float, done: float = 0.0, progress: bool = True, desc: str = "training") -> tqdm:
@@ -236,24 +430,42 @@ def _fid_point(trainer: Trainer, fid: FIDTracker, log: RunLog) -> None:
     log.info(f"FID ({config.fid_num} images) at {kimg:.1f} kimg: {value:.2f}")
 
 
-def _save(run_dir: Path, trainer: Trainer, backbone: torch.nn.Module | None) -> None:
+def _save(run_dir: Path, trainer: Trainer, backbone: torch.nn.Module | None, log: RunLog) -> None:
     config, state = trainer.config, trainer.state
     opt_tensors, opt_info = optimizer_to_tensors(trainer.optimizer)
     tensors = {**prefixed("ema", trainer.ema.state_dict()), **prefixed("net", trainer.net.state_dict()),
-               **prefixed("optim", opt_tensors),
-               "rng.patch": trainer.patch_gen.get_state(), "rng.noise": trainer.noise_gen.get_state(),
-               "rng.torch": torch.get_rng_state()}
-    if trainer.device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(trainer.device)
+               **prefixed("optim", opt_tensors), **_rng_tensors(trainer)}
     meta = {"config": to_dict(config), "step": state.step, "data_batches": state.data_batches,
             "train_seconds": state.train_seconds, "images": state.images,
+            "skipped_steps": state.skipped_steps,
             "kimg": state.step * trainer.img_per_step / 1000, "optimizer": opt_info,
-            "backbone": _backbone_name(config, backbone)}
-    save_checkpoint(run_dir / checkpoint_name(state.step), tensors, meta)
+            "backbone": _backbone_name(config, backbone), "device": trainer.device.type,
+            "data": {"images": trainer.data_size}, "logs": log.sizes()}
+    path = run_dir / checkpoint_name(state.step)
+    try:
+        save_checkpoint(path, tensors, meta)
+    except OSError as exc:  # e.g. a full disk: the previous checkpoint is untouched
+        raise UserError(f"cannot write checkpoint '{path}' ({exc.strerror or exc}); the previous "
+                        "checkpoints are intact: free some space, then resume with --resume latest") from None
     prune_checkpoints(run_dir, config.keep_checkpoints)
 
 
-def _restore(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _rng_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every random generator's state; the device's own default generator is that of the
+    device the run uses (cuda:N's on cuda:N, not device 0's)."""
+    tensors = {"rng.patch": trainer.patch_gen.get_state(), "rng.noise": trainer.noise_gen.get_state(),
+               "rng.torch": torch.get_rng_state()}
+    if trainer.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(_cuda_index(trainer.device))
+    return tensors
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _restore(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> list[str]:
+    """Load a checkpoint's state into ``trainer``; returns lines worth logging."""
     try:
         trainer.net.load_state_dict(unprefixed("net", tensors))
         trainer.ema.load_state_dict(unprefixed("ema", tensors))
@@ -261,16 +473,37 @@ def _restore(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> 
         raise UserError("the checkpoint's network does not match this config; resume without "
                         "changing the model options") from None
     optimizer_from_tensors(trainer.optimizer, unprefixed("optim", tensors), meta["optimizer"])
-    trainer.patch_gen.set_state(tensors["rng.patch"])
-    trainer.noise_gen.set_state(tensors["rng.noise"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.device)
+    notes = _restore_rng(trainer, tensors, meta)
     state = trainer.state
     state.step = int(meta["step"])
     state.data_batches = int(meta["data_batches"])
     state.train_seconds = float(meta.get("train_seconds", 0.0))
     state.images = int(meta.get("images", round(state.step * trainer.img_per_step)))
+    state.skipped_steps = int(meta.get("skipped_steps", 0))
+    return notes
+
+
+def _restore_rng(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> list[str]:
+    """Generators kept on the host always continue; those on the device continue when the
+    checkpoint comes from the same kind of device. Otherwise their state does not apply
+    (a CUDA generator's state is not a CPU one's), so they restart from a seed derived
+    from the step: the run goes on correctly but not bit-identically."""
+    trainer.patch_gen.set_state(tensors["rng.patch"])
+    torch.set_rng_state(tensors["rng.torch"])
+    saved = meta.get("device", "cuda" if "rng.cuda" in tensors else "cpu")
+    here = trainer.device.type
+    if saved == here:
+        trainer.noise_gen.set_state(tensors["rng.noise"])
+        if "rng.cuda" in tensors and here == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], _cuda_index(trainer.device))
+        return []
+    seed = int(np.random.SeedSequence([trainer.config.seed, int(meta["step"])]).generate_state(1)[0])
+    trainer.noise_gen.manual_seed(seed)
+    if here == "cuda":
+        torch.cuda.manual_seed(seed)
+    return [f"checkpoint written on {saved}, resumed on {here}: weights, optimiser, data order and "
+            "patch draws continue exactly; the noise generator on the device restarts from a "
+            "seed, so this run is not bit-identical to one that stayed on one device"]
 
 
 def _load_pretrained(trainer: Trainer, config: TrainConfig) -> None:
@@ -291,7 +524,7 @@ def _backbone_name(config: TrainConfig, backbone: torch.nn.Module | None) -> str
 
 def checkpoint_config(path: Path) -> TrainConfig:
     """The run config stored in a checkpoint."""
-    return from_dict(TrainConfig, load_checkpoint(path, with_tensors=False)[1]["config"])
+    return read_config(load_checkpoint(path, with_tensors=False)[1].get("config"), str(path))
 
 
 def _run_desc(config: TrainConfig) -> str:
