@@ -151,3 +151,70 @@ def test_sampler_sweep_command(tiny_data, tmp_path, monkeypatch):
     assert (out / "fid_vs_nfe.png").stat().st_size > 0 and "| heun |" in (out / "report.md").read_text()
     assert run(*args).exit_code == 2  # an existing sweep needs --resume
     assert run(*args, "--resume").exit_code == 0  # nothing left to do
+
+
+class _Stop(Exception):
+    """Raised by a stub to end a benchmark once the part under test has run."""
+
+
+def test_uncached_reference_announces_its_cost_up_front(tiny_data, tmp_path, monkeypatch):
+    from patch_diffusion.bench import time_to_fid as ttf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    timed, asked = [], []
+
+    def slow_inception(net, resolution, device, batch=16):
+        timed.append(resolution)
+        return 15.0  # seconds per image: the 24 reference images take 6 min
+
+    def stop_at_reference(*args, **kwargs):
+        asked.append(args)
+        raise _Stop
+
+    monkeypatch.setattr(ttf, "load_inception", lambda path, device: object())
+    monkeypatch.setattr(ttf, "inception_seconds_per_image", slow_inception)
+    monkeypatch.setattr(ttf, "cached_reference", stop_at_reference)
+    args = ["bench", "time-to-fid", "--data", tiny_data, "--out", tmp_path / "bench", "--preset", "tiny",
+            "--arms", "full", "--device", "cpu"]
+
+    result = run(*args)
+    assert isinstance(result.exception, _Stop) and timed == [(16, 16)]
+    assert ("computing Inception features of 24 reference images (about 6 min on this cpu; cached "
+            "for later runs); --ref-num 20 makes it about 5 min") in result.stderr
+    # a --ref-num the user chose is not second-guessed
+    chosen = run(*args, "--ref-num", "24")
+    assert "about 6 min on this cpu" in chosen.stderr and "--ref-num" not in chosen.stderr
+
+    # once the reference is cached: no timing and no notice
+    data, num, resolution, fit, cache_dir = asked[0]
+    path = ttf.reference_cache_path(data, num, resolution, fit, cache_dir)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"cached")
+    timed.clear()
+    cached = run(*args)
+    assert isinstance(cached.exception, _Stop) and timed == []
+    assert "computing Inception features" not in cached.output
+
+
+def test_inception_timing_leaves_out_the_first_call():
+    import time
+
+    import torch
+
+    from patch_diffusion.bench.time_to_fid import inception_seconds_per_image, reference_notice
+
+    class StandIn(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(0.4 if self.calls == 1 else 0.02)  # one-off setup, then the real cost
+            return torch.zeros(len(x), 2048)
+
+    per_image = inception_seconds_per_image(StandIn(), (8, 8), torch.device("cpu"), batch=4)
+    assert 0.02 / 4 <= per_image < 0.4 / 4
+    cpu = torch.device("cpu")
+    assert reference_notice(10000, 0.15, cpu, suggest=True).endswith(
+        "(about 25 min on this cpu; cached for later runs); --ref-num 2000 makes it about 5 min "
+        "(a smaller reference gives a noisier FID)")
+    assert "--ref-num" not in reference_notice(1000, 0.15, cpu, suggest=True)  # under 5 min

@@ -140,11 +140,17 @@ class FIDTracker:
         return score(feats, self.ref)["fid"]
 
 
+def reference_cache_path(data: str, num: int, resolution: tuple[int, int], fit: str,
+                         cache_dir: Path) -> Path:
+    """Where ``cached_reference`` keeps the reference for these arguments."""
+    name = f"{data.replace(':', '-').replace('/', '_')}-{num}-{resolution[0]}x{resolution[1]}-{fit}.npz"
+    return cache_dir / "fid-refs" / name
+
+
 def cached_reference(data: str, num: int, resolution: tuple[int, int], fit: str,
                      cache_dir: Path, device: str = "auto") -> Path:
     """A reference file for (data, num, size, fit) in ``cache_dir``, computed on first use."""
-    name = f"{data.replace(':', '-').replace('/', '_')}-{num}-{resolution[0]}x{resolution[1]}-{fit}.npz"
-    path = cache_dir / "fid-refs" / name
+    path = reference_cache_path(data, num, resolution, fit, cache_dir)
     if not path.is_file():
         make_reference(data, path, num=num, resolution=resolution, fit=fit, device=device)
     return path

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -25,9 +28,9 @@ from ..config import TrainConfig, apply_model_options, apply_recipe, get_preset,
 from ..data import default_cache_dir, open_dataset
 from ..devices import resolve_device
 from ..errors import UserError
-from ..evaluate import cached_reference, model_features, score
+from ..evaluate import cached_reference, model_features, reference_cache_path, score
 from ..generate import load_denoiser, save_grid
-from ..metrics import compute_features, load_inception, load_reference
+from ..metrics import InceptionV3, compute_features, load_inception, load_reference
 from ..patches import PatchConfig
 from ..runs import latest_checkpoint
 from ..train import train
@@ -153,11 +156,17 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
                               max_images=1).resolution
     ref_name = reference_data(bench)
     ref_num = bench.ref_num or len(open_dataset(ref_name))
-    ref_path = cached_reference(ref_name, ref_num, tuple(resolution), base.data.fit,
-                                default_cache_dir(), device=bench.device)
+    inception = load_inception(None, device)
+    cache = default_cache_dir()
+    if not reference_cache_path(ref_name, ref_num, tuple(resolution), base.data.fit, cache).is_file():
+        # A full reference can take the better part of an hour on a CPU: say so before it starts.
+        per_image = inception_seconds_per_image(inception, tuple(resolution), device)
+        print(reference_notice(ref_num, per_image, device, suggest=bench.ref_num is None),
+              file=sys.stderr, flush=True)
+    ref_path = cached_reference(ref_name, ref_num, tuple(resolution), base.data.fit, cache,
+                                device=bench.device)
     ref = load_reference(ref_path)
     results["ref"] = {"data": ref_name, "num": ref_num, "path": str(ref_path)}
-    inception = load_inception(None, device)
 
     for name, config in arms.items():
         record = results["arms"].setdefault(name, {"points": []})
@@ -170,7 +179,8 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
             previous = latest_checkpoint(arm_dir)
             train(config, arm_dir, resume_from=previous,
                   run_dir=previous.parent if previous else None,
-                  stop_after_minutes=bench.minutes * k / bench.points, progress=progress)
+                  stop_after_minutes=bench.minutes * k / bench.points, pace_minutes=bench.minutes,
+                  progress=progress)
             checkpoint = latest_checkpoint(arm_dir)
             record["points"].append(_evaluate(checkpoint, bench, ref, inception, device, progress))
             atomic_write_bytes(results_path, json.dumps(results, indent=1).encode())
@@ -183,6 +193,51 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     write_report(results, out / "report.md")
     write_plot(results, out / "fid_vs_time.png")
     return results
+
+
+# Suggest a smaller --ref-num when the reference would take longer than this.
+SLOW_REFERENCE_SECONDS = 5 * 60
+
+
+def inception_seconds_per_image(net: InceptionV3, resolution: tuple[int, int],
+                                device: torch.device, batch: int = 16) -> float:
+    """Inception's measured time per image on ``device``: one untimed image (the first
+    call pays one-off setup), then one timed batch."""
+    images = torch.zeros((batch, 3, *resolution), dtype=torch.uint8)
+    compute_features([images[:1]], net, device, progress=False)
+    start = time.perf_counter()
+    compute_features([images], net, device, progress=False)  # returns features on the host: done
+    return (time.perf_counter() - start) / batch
+
+
+def reference_notice(num: int, seconds_per_image: float, device: torch.device, *,
+                     suggest: bool) -> str:
+    """One line announcing a reference computation and its estimated time; with ``suggest``
+    and more than ``SLOW_REFERENCE_SECONDS`` to go, the --ref-num that fits that time."""
+    seconds = num * seconds_per_image
+    line = (f"computing Inception features of {num} reference images (about {_duration(seconds)} "
+            f"on this {device.type}; cached for later runs)")
+    fewer = _round_down(SLOW_REFERENCE_SECONDS / max(seconds_per_image, 1e-9))
+    if suggest and seconds > SLOW_REFERENCE_SECONDS and 2 <= fewer < num:
+        line += (f"; --ref-num {fewer} makes it about {_duration(fewer * seconds_per_image)} "
+                 "(a smaller reference gives a noisier FID)")
+    return line
+
+
+def _round_down(x: float) -> int:
+    """``x`` rounded down to one significant digit: 2345 -> 2000, 27 -> 20."""
+    if x < 1:
+        return 0
+    unit = 10 ** int(math.log10(x))
+    return int(x // unit * unit)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _run_diffusers(base: TrainConfig, bench: BenchConfig, record: dict, results: dict,
