@@ -445,3 +445,48 @@ def test_a_process_exits_while_its_persistent_workers_are_alive(tiny_data):
             "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# --- seeded subsets -----------------------------------------------------------------------
+
+def test_subset_seed_draws_across_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "classes"
+    for c in range(4):
+        for k in range(10):
+            _save(root / f"c{c}" / f"{k}.png", _gray(10 * c + k, 2, 2))  # value = 10 * class + k
+
+    def pick(**kwargs: object) -> tuple[list[int], list[int]]:
+        ds = open_dataset(str(root), max_images=8, **kwargs)
+        images, labels = ds.get_batch(torch.arange(len(ds)))
+        return images[:, 0, 0, 0].tolist(), labels.tolist()
+
+    values, labels = pick()  # no seed: the first 8 in sorted order, as before
+    assert values == list(range(8)) and labels == [0] * 8
+    values, labels = pick(subset_seed=0)
+    expected = np.sort(np.random.default_rng(0).choice(40, 8, replace=False))
+    assert values == expected.tolist() and values == sorted(values)
+    assert labels == [v // 10 for v in values] and len(set(labels)) > 2
+    assert pick(subset_seed=0) == (values, labels)
+    assert pick(subset_seed=1)[0] != values
+    assert open_dataset(str(root), max_images=40, subset_seed=3).get_batch(torch.arange(40))[0][:, 0, 0, 0].tolist() \
+        == list(range(40))
+
+    # Only the chosen files are read: a broken file outside the subset does no harm.
+    unchosen = next(v for v in range(40) if v not in values)
+    (root / f"c{unchosen // 10}" / f"{unchosen % 10}.png").write_bytes(b"not a png")
+    assert pick(subset_seed=0) == (values, labels)
+    monkeypatch.setattr(datasets, "MAX_IN_MEMORY_BYTES", 0)  # the lazy path picks the same files
+    assert pick(subset_seed=0) == (values, labels)
+
+
+def test_subset_seed_idx_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _idx_env(tmp_path, monkeypatch, n=20)
+    ds = open_dataset("mnist:test", cache_dir=tmp_path / "cache", max_images=5, subset_seed=7)
+    keep = np.sort(np.random.default_rng(7).choice(20, 5, replace=False))
+    batch, labels = ds.get_batch(torch.arange(5))
+    assert batch[:, 0].numpy().tolist() == images[keep].tolist() and labels.tolist() == (keep % 10).tolist()
+    first = open_dataset("mnist:test", cache_dir=tmp_path / "cache", max_images=5)
+    assert first.get_batch(torch.arange(5))[1].tolist() == [0, 1, 2, 3, 4]
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(UserError, match="bad subset_seed"):
+            open_dataset("mnist:test", cache_dir=tmp_path / "cache", max_images=5, subset_seed=bad)

@@ -1,4 +1,4 @@
-"""Datasets (folders, zips, MNIST-style IDX) and infinite deterministic batch loading."""
+"""Datasets (folders, zips, built-in MNIST-style IDX and emoji sets) and infinite deterministic batch loading."""
 
 from patch_diffusion.data.datasets import FITS, ImageDataset, default_cache_dir, open_dataset
 from patch_diffusion.data.loader import InfiniteBatches, batch_index_stream, default_num_workers

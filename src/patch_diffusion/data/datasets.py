@@ -1,4 +1,11 @@
-"""Image datasets: folders, zip files and the built-in IDX sets (MNIST, Fashion-MNIST).
+"""Image datasets: folders, zip files and the built-in sets.
+
+Built-in names: ``fashion-mnist`` and ``mnist`` (28x28 gray, 10 classes; ``:test`` for
+the test split), read from MNIST-style IDX files, and ``emoji`` (3,786 Google emoji,
+64x64 RGB, unlabelled, no test split), read from the npm tarball of
+emoji-datasource-google@16.0.0. Each is looked for in ``$PATCH_DIFFUSION_DATA/<name>/``,
+then ``default_cache_dir()/<name>/`` (the IDX sets also in ``/usr/share/datasets``), and
+downloaded into the latter when missing.
 
 Every dataset yields uint8 tensors ``[C, H, W]`` with C in {1, 3} plus an int label
 (-1 when the source has no labels).
@@ -29,12 +36,16 @@ target aspect ratio, then resizes; "pad" adds black (0) borders symmetrically.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +70,15 @@ _IDX_SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_BUILTIN_NAMES = ", ".join(f"{n}, {n}:test" for n in _IDX_URLS)
+# emoji: the 64x64 PNGs of Google's emoji in the npm package emoji-datasource-google.
+_EMOJI_SPEC = "emoji-datasource-google@16.0.0"
+_EMOJI_TGZ = "emoji-datasource-google-16.0.0.tgz"
+_EMOJI_URL = "https://registry.npmjs.org/emoji-datasource-google/-/" + _EMOJI_TGZ
+_EMOJI_PREFIX = "package/img/google/64/"  # npm tarballs keep everything under package/
+_EMOJI_COUNT = 3786  # PNGs in that folder of version 16.0.0; checked after a download
+_EMOJI_SHAPE = (3, 64, 64)
+_EMOJI_NPY = "emoji-datasource-google-16.0.0-64.npy"  # decoded uint8 [N, 3, 64, 64], beside the .tgz
+_BUILTIN_NAMES = ", ".join(f"{n}, {n}:test" for n in _IDX_URLS) + ", emoji"
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -264,10 +283,12 @@ def _find_idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _download(url: str, dest: Path, ndim: int) -> None:
-    """Downloads to a temp file, checks it parses, then moves it into place atomically."""
+def _download(url: str, dest: Path, check: Callable[[Path], object]) -> None:
+    """Downloads to a temp file, runs ``check`` on it (which raises if it is bad), then
+    moves it into place atomically, so ``dest`` never holds a partial file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part.gz")
+    # Keep dest's suffix last: _read_idx picks gzip by the '.gz' suffix.
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part" + dest.suffix)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
@@ -275,7 +296,8 @@ def _download(url: str, dest: Path, ndim: int) -> None:
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
-        _read_idx(Path(tmp), ndim)
+        check(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared data folder should stay readable
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -288,10 +310,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "patch-diffusion"
 
 
+def _data_folders(name: str, cache_dir: Path) -> list[Path]:
+    """Where a built-in set is looked for: $PATCH_DIFFUSION_DATA/<name>, then the cache."""
+    env = os.environ.get("PATCH_DIFFUSION_DATA")
+    return ([Path(env) / name] if env else []) + [cache_dir / name]
+
+
 def _load_idx(name: str, split: str, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     stems = _IDX_SPLITS[split]
-    folders = [Path(os.environ["PATCH_DIFFUSION_DATA"]) / name] if os.environ.get("PATCH_DIFFUSION_DATA") else []
-    folders += [cache_dir / name, Path("/usr/share/datasets") / name]
+    folders = _data_folders(name, cache_dir) + [Path("/usr/share/datasets") / name]
     for folder in folders:
         found = [_find_idx_file(folder, s) for s in stems]
         if all(found):
@@ -301,7 +328,8 @@ def _load_idx(name: str, split: str, cache_dir: Path) -> tuple[np.ndarray, np.nd
         try:
             for stem, ndim in zip(stems, (3, 1)):
                 if not (cache_dir / name / f"{stem}.gz").is_file():
-                    _download(_IDX_URLS[name] + f"{stem}.gz", cache_dir / name / f"{stem}.gz", ndim)
+                    _download(_IDX_URLS[name] + f"{stem}.gz", cache_dir / name / f"{stem}.gz",
+                              lambda p, ndim=ndim: _read_idx(p, ndim))
         except (OSError, urllib.error.URLError, UserError) as e:
             raise UserError(
                 f"{name} not found in {', '.join(map(str, folders))} and download failed ({_why(e)}); put the IDX files "
@@ -312,6 +340,112 @@ def _load_idx(name: str, split: str, cache_dir: Path) -> tuple[np.ndarray, np.nd
     if len(images) != len(labels):
         raise UserError(f"{name}:{split} has {len(images)} images but {len(labels)} labels; replace the IDX files")
     return images, labels
+
+
+def _read_emoji_tgz(path: Path, expect: int | None = None) -> tuple[list[str], list[bytes]]:
+    """The emoji PNGs' member names (sorted) and bytes, read straight from the tarball.
+    With ``expect``, the PNG count must match (used to check a download)."""
+    found: dict[str, bytes] = {}
+    try:
+        # One sequential pass: seeking back and forth in a .tgz would re-inflate it.
+        with tarfile.open(path, "r:*") as tf:
+            for m in tf:
+                # Only files directly in img/google/64/ (not 32/, sheets-*/ or package.json).
+                rel = m.name[len(_EMOJI_PREFIX):] if m.name.startswith(_EMOJI_PREFIX) else ""
+                if m.isfile() and rel.lower().endswith(".png") and "/" not in rel and not _ignored(rel):
+                    f = tf.extractfile(m)
+                    assert f is not None  # regular files always have data
+                    found[m.name] = f.read()
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
+        raise UserError(f"cannot read '{path}' ({_why(e)}); delete it so it is downloaded again, "
+                        f"or replace it with the output of 'npm pack {_EMOJI_SPEC}'") from None
+    if not found or (expect is not None and len(found) != expect):
+        raise UserError(f"'{path}' has {len(found)} PNGs under {_EMOJI_PREFIX}, expected {expect or 'some'}; "
+                        f"replace it with the output of 'npm pack {_EMOJI_SPEC}'")
+    names = sorted(found)
+    return names, [found[n] for n in names]
+
+
+def _decode_emoji(path: Path) -> np.ndarray:
+    """Decodes the tarball's PNGs (sorted by name) with the color rules: uint8 [N, 3, 64, 64]."""
+    names, blobs = _read_emoji_tgz(path)
+    out = np.empty((len(names), *_EMOJI_SHAPE), np.uint8)
+    for i in tqdm(range(len(names)), desc="decoding emoji", disable=len(names) <= 2000, leave=False):
+        where = f"{path}:{names[i]}"
+        try:
+            with PIL.Image.open(io.BytesIO(blobs[i])) as img:
+                img.load()
+                arr = _fit_image(_convert_color(img, 3), _EMOJI_SHAPE[1:], "none", where)
+        except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image '{where}' ({_why(e)}); replace the tarball with the output "
+                            f"of 'npm pack {_EMOJI_SPEC}'") from None
+        out[i] = arr.transpose(2, 0, 1)
+    return out
+
+
+def _load_emoji_cache(path: Path) -> np.ndarray | None:
+    """The decoded array cached at ``path``, or None when missing, unreadable or of the wrong shape."""
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.ndim == 4 and len(arr) > 0
+    return arr if ok and arr.shape[1:] == _EMOJI_SHAPE else None
+
+
+def _save_emoji_cache(arr: np.ndarray, path: Path) -> None:
+    """Writes the decoded array atomically; a read-only folder just means no cache."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_emoji(cache_dir: Path) -> np.ndarray:
+    """uint8 [N, 3, 64, 64]: from a cached .npy, else decoded from the tarball (found or
+    downloaded), then cached beside it so later opens skip decoding."""
+    folders = _data_folders("emoji", cache_dir)
+    for folder in folders:
+        cached = _load_emoji_cache(folder / _EMOJI_NPY)
+        if cached is not None:
+            return cached
+        if (folder / _EMOJI_TGZ).is_file():
+            tgz = folder / _EMOJI_TGZ
+            break
+    else:
+        tgz = cache_dir / "emoji" / _EMOJI_TGZ
+        try:
+            _download(_EMOJI_URL, tgz, lambda p: _read_emoji_tgz(p, expect=_EMOJI_COUNT))
+        except (OSError, urllib.error.URLError, UserError) as e:
+            raise UserError(
+                f"emoji not found in {', '.join(map(str, folders))} and download failed ({_why(e)}); "
+                f"run 'make data' or 'npm pack {_EMOJI_SPEC}' and put the .tgz in {cache_dir / 'emoji'}"
+            ) from None
+    arr = _decode_emoji(tgz)
+    _save_emoji_cache(arr, tgz.parent / _EMOJI_NPY)
+    return arr
+
+
+def _subset(n: int, max_images: int | None, subset_seed: int | None) -> np.ndarray:
+    """Sorted indices of the images to keep: all, the first ``max_images``, or (with a
+    seed) ``max_images`` distinct ones drawn at random, sorted so decoding order is stable."""
+    if max_images is None or max_images >= n:
+        return np.arange(n)
+    if subset_seed is None:
+        return np.arange(max_images)
+    return np.sort(np.random.default_rng(subset_seed).choice(n, max_images, replace=False))
 
 
 def _ignored(rel: str) -> bool:
@@ -369,13 +503,14 @@ def _labels_for(names: list[str], meta: bytes | None, where: str) -> tuple[list[
 
 
 def _open_files(path: Path, resolution: tuple[int, int] | None, fit: str, channels: int | None,
-                max_images: int | None) -> ImageDataset:
+                max_images: int | None, subset_seed: int | None = None) -> ImageDataset:
     names, prefix, meta = _list_images(path)
     if not names:
         raise UserError(f"no images found in '{path}': put PNG/JPEG/WebP files there "
                         "or pass a zip or a built-in name like fashion-mnist")
-    labels, num_classes = _labels_for(names, meta, str(path))
-    names, labels = names[:max_images], labels[:max_images]
+    labels, num_classes = _labels_for(names, meta, str(path))  # from all names, so class ids are stable
+    keep = _subset(len(names), max_images, subset_seed)  # chosen before any decoding
+    names, labels = [names[i] for i in keep], [labels[i] for i in keep]
     source = _FileSource(path, names, prefix)
     # Read only headers up front: PIL decodes pixel data lazily.
     sizes: dict[tuple[int, int], str] = {}
@@ -408,8 +543,10 @@ def _open_files(path: Path, resolution: tuple[int, int] | None, fit: str, channe
 
 def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: str = "none",
                  channels: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 max_images: int | None = None) -> ImageDataset:
-    """Opens a folder, a .zip, or a built-in name (fashion-mnist[:train|:test], mnist[:train|:test])."""
+                 max_images: int | None = None, subset_seed: int | None = None) -> ImageDataset:
+    """Opens a folder, a .zip, or a built-in name (fashion-mnist[:train|:test], mnist[:train|:test],
+    emoji). ``max_images`` keeps the first N images in sorted order, or with ``subset_seed`` N
+    distinct images drawn at random with that seed (kept in sorted order)."""
     if fit not in FITS:
         raise UserError(f"unknown --fit '{fit}'; use one of {', '.join(FITS)}")
     if fit != "none" and resolution is None:
@@ -422,19 +559,43 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
         raise UserError(f"bad channels {channels!r}; use 1 (grayscale) or 3 (RGB)")
     if max_images is not None and max_images < 1:
         raise UserError(f"bad max_images {max_images!r}; pass a positive number or leave it unset")
+    if subset_seed is not None and (isinstance(subset_seed, bool) or not isinstance(subset_seed, (int, np.integer))
+                                    or subset_seed < 0):
+        raise UserError(f"bad subset_seed {subset_seed!r}; pass a non-negative integer or leave it unset")
 
     path = Path(spec).expanduser()
     if path.is_dir() or (path.is_file() and zipfile.is_zipfile(path)):
-        return _open_files(path, resolution, fit, channels, max_images)
+        return _open_files(path, resolution, fit, channels, max_images, subset_seed)
     if path.exists():
         raise UserError(f"'{spec}' is neither a folder nor a zip file; pass a folder of images or a .zip")
     base, _, split = spec.lower().partition(":")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if base == "emoji" and split == "test":
+        raise UserError("emoji has no test split; use 'emoji' (all images) and --max-images for a smaller set")
+    if base == "emoji" and split in ("", "train"):
+        arr = _load_emoji(cache)
+        keep = _subset(len(arr), max_images, subset_seed)
+        images = torch.from_numpy(arr[keep])  # fancy indexing copies, so the tensor owns its memory
+        if channels == 1:
+            # PIL's 'L' luma on one tall image, before fitting, as for image files.
+            n, _, h, w = images.shape
+            tall = PIL.Image.fromarray(images.permute(0, 2, 3, 1).reshape(n * h, w, 3).numpy(), "RGB")
+            images = torch.from_numpy(np.array(tall.convert("L"))).reshape(n, 1, h, w)
+        if resolution is not None:
+            if fit == "none" and tuple(images.shape[-2:]) != resolution:
+                raise UserError(f"emoji images are 64x64, not {resolution[0]}x{resolution[1]}; "
+                                "pass --fit pad, resize or center-crop")
+            images = _fit_tensor(images, resolution, fit, base)
+        return ImageDataset(name="emoji", labels=torch.full((len(images),), -1, dtype=torch.int64), num_classes=0,
+                            resolution=(images.shape[-2], images.shape[-1]), channels=images.shape[1],
+                            images=images.contiguous())
     if base not in _IDX_URLS or split not in ("", *_IDX_SPLITS):
         raise UserError(f"no such folder, zip or built-in dataset '{spec}'; built-in names: {_BUILTIN_NAMES} "
                         "(add :train for the train split explicitly)")
     split = split or "train"
-    arr, labels = _load_idx(base, split, Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    images = torch.from_numpy(arr[:max_images].copy()).unsqueeze(1)
+    arr, labels = _load_idx(base, split, cache)
+    keep = _subset(len(arr), max_images, subset_seed)
+    images = torch.from_numpy(arr[keep]).unsqueeze(1)  # fancy indexing copies the read-only buffer
     if resolution is not None:
         if fit == "none" and tuple(images.shape[-2:]) != resolution:
             h, w = images.shape[-2:]
@@ -443,6 +604,6 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
         images = _fit_tensor(images, resolution, fit, base)
     if channels == 3:
         images = images.repeat(1, 3, 1, 1)
-    return ImageDataset(name=f"{base}:{split}", labels=torch.from_numpy(labels[:max_images].astype(np.int64)),
+    return ImageDataset(name=f"{base}:{split}", labels=torch.from_numpy(labels[keep].astype(np.int64)),
                         num_classes=10, resolution=(images.shape[-2], images.shape[-1]),
                         channels=images.shape[1], images=images.contiguous())
