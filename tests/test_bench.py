@@ -218,3 +218,59 @@ def test_inception_timing_leaves_out_the_first_call():
         "(about 25 min on this cpu; cached for later runs); --ref-num 2000 makes it about 5 min "
         "(a smaller reference gives a noisier FID)")
     assert "--ref-num" not in reference_notice(1000, 0.15, cpu, suggest=True)  # under 5 min
+
+
+def test_fixed_image_budget_trains_every_arm_on_the_same_images(tiny_data, tmp_path, monkeypatch):
+    """--kimg: points evenly spaced in images; the report puts FID and time beside full's."""
+    from patch_diffusion.bench import time_to_fid as ttf
+    from patch_diffusion.checkpoint import load_checkpoint
+
+    def fake_evaluate(checkpoint, bench, ref, inception, device, progress):
+        meta = load_checkpoint(checkpoint, with_tensors=False)[1]
+        return {"minutes": meta["train_seconds"] / 60, "steps": meta["step"], "kimg": round(meta["kimg"], 3),
+                "img_per_s": 1.0, "fid": 100.0 / meta["kimg"]}
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ttf, "load_inception", lambda path, device: None)
+    monkeypatch.setattr(ttf, "inception_seconds_per_image", lambda *a, **k: 0.0)
+    monkeypatch.setattr(ttf, "cached_reference", lambda *a, **k: tmp_path / "ref.npz")
+    monkeypatch.setattr(ttf, "load_reference", lambda path: None)
+    monkeypatch.setattr(ttf, "_evaluate", fake_evaluate)
+    out = tmp_path / "bench"
+    args = ["bench", "time-to-fid", "--data", tiny_data, "--out", out, "--preset", "tiny", "--kimg", "0.12",
+            "--points", "2", "--p", "0.25", "--device", "cpu"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    arms = json.loads((out / "results.json").read_text())["arms"]
+    assert list(arms) == ["full", "patch", "progressive", "patch-p0.25"]  # no diffusers by default
+    for name, record in arms.items():
+        first, last = (p["kimg"] for p in record["points"])
+        # each point is the first step at or past its share of the images
+        per_step = 8 * {"full": 1.0, "patch": 1.9, "progressive": 1 / (0.2 / 4 + 0.3 / 2 + 0.5), "patch-p0.25": 2.35}[name]
+        assert 0.06 <= first < 0.06 + per_step / 1000 + 1e-6, name
+        assert 0.12 <= last < 0.12 + per_step / 1000 + 1e-6, name
+    report = (out / "report.md").read_text()
+    assert "0.12 kimg (thousand images) per arm" in report and "| arm | kimg | FID | training min |" in report
+    assert "| full | 0.12 | 833.33 |" in report and "| 1.00 | 1.00 |" in report
+    assert "| patch | 0.122 | 822.37 | " in report and "| 0.99 |" in report  # 8 steps of 15.2 images
+    refused = run(*args[:-2], "--arms", "full,diffusers", "--device", "cpu", "--out", tmp_path / "b2")
+    assert refused.exit_code == 2 and "time budget only" in refused.output
+
+
+def test_log_fid_axes_are_labelled_with_plain_numbers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from patch_diffusion.bench.report import plain_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [55, 160])
+    ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    plt.close(fig)
+    assert {"70", "100", "150"} <= set(labels)
+    assert not any("^" in label or "$" in label for label in labels)

@@ -205,3 +205,16 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no such folder" in proc.stderr
+
+
+def test_subset_seed_option_is_recorded():
+    def data_of(*args):
+        result = run("train", "--dry-run", "--preset", "tiny", "--max-images", "8", *args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["data"]
+
+    assert data_of()["subset_seed"] == 0  # a random subset, drawn with a recorded seed
+    assert data_of("--subset-seed", "7")["subset_seed"] == 7
+    assert data_of("--subset-seed", "first")["subset_seed"] is None  # the first 8 files, as before
+    bad = run("train", "--dry-run", "--subset-seed", "many")
+    assert bad.exit_code == 2 and "--subset-seed takes a whole number or 'first'" in bad.output

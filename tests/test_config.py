@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from patch_diffusion.config import PRESETS, TrainConfig, from_dict, get_preset, to_dict
@@ -57,7 +59,18 @@ def test_version1_configs_migrate():
     assert model.precond_config == EDMConfig(sigma_data=0.5, P_mean=-1.0, P_std=1.4)
     assert (model.label_dim, model.label_dropout) == (3, 0.2)
     assert config.loss.reduction == "sum" and config.sampler.name == "heun"
-    assert config.version == 2
+    assert config.version == 3 and config.data.subset_seed is None  # its first-N subsets
+
+
+def test_version2_configs_keep_first_n_subsets_and_new_ones_draw_at_random():
+    old = to_dict(TrainConfig())
+    old["version"] = 2
+    del old["data"]["subset_seed"]
+    migrated = from_dict(TrainConfig, old)
+    assert migrated.data.subset_seed is None and migrated.version == 3
+    assert migrated == dataclasses.replace(TrainConfig(), data=dataclasses.replace(TrainConfig().data, subset_seed=None))
+    assert TrainConfig().data.subset_seed == 0
+    assert from_dict(TrainConfig, to_dict(TrainConfig())) == TrainConfig()  # today's configs untouched
 
 
 def test_version1_checkpoint_loads_and_samples(tmp_path):

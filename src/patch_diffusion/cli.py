@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,26 @@ def _resolution(text: str | None) -> tuple[int, int] | None:
     return (parts[0], parts[-1])
 
 
+def _subset_seed(text: str | None, current: int | None) -> int | None:
+    """--subset-seed: a whole number, or 'first'; unset keeps ``current``."""
+    if text is None:
+        return current
+    if text.strip().lower() == "first":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--subset-seed takes a whole number or 'first'; got '{text}'") from None
+
+
 def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
     """Lay the options the user gave (not None) over ``config``."""
     config = with_data(config, o["data"])
     data = replace(config.data, resolution=_resolution(o["resolution"]),
                    fit=o["fit"], max_images=o["max_images"], xflip=o["xflip"], cond=o["cond"],
                    num_workers=o["workers"], on_device=o["data_on_device"])
+    # Set directly: None ('first') is a value here, which replace() would skip.
+    data = dataclasses.replace(data, subset_seed=_subset_seed(o["subset_seed"], data.subset_seed))
     config = apply_model_options(
         config, backbone=o["backbone"], backbone_from=o["backbone_from"], precond=o["precond"],
         model_channels=o["channels"], channel_mult=_ints(o["channel_mult"], "--channel-mult"),
@@ -127,7 +142,8 @@ def main() -> None:
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Named starting config: {', '.join(PRESETS)}.")
 @click.option("--resolution", help="Canvas size, 32 or HxW; default: the data's own size.")
 @click.option("--fit", type=click.Choice(["none", "resize", "center-crop", "pad"]), help="How images are brought to --resolution.")
-@click.option("--max-images", type=int, help="Use only the first N images (small-data runs).")
+@click.option("--max-images", type=int, help="Use only N images (small-data runs), drawn at random with --subset-seed.")
+@click.option("--subset-seed", help="Seed of the --max-images subset (default 0), or 'first' for the first N files by name.")
 @click.option("--schedule", type=click.Choice(["stochastic", "progressive", "full"]), help="Patch-size schedule; full = plain EDM on whole images.")
 @click.option("--real-p", type=float, help="Fraction p of steps on full images (paper: 0.5).")
 @click.option("--patch-sizes", help="Patch heights below the full canvas, e.g. 8,16 (default R/4,R/2).")
@@ -373,11 +389,13 @@ def bench() -> None:
 @click.option("--data", default="fashion-mnist", show_default=True, help="Training data: folder, zip or built-in name.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Benchmark folder (results.json, report.md, fid_vs_time.png).")
 @click.option("--minutes", default=12.0, show_default=True, type=float, help="Training minutes per arm (evaluation time excluded).")
-@click.option("--points", default=3, show_default=True, type=click.IntRange(min=1), help="FID evaluations per arm, evenly spaced in training time.")
+@click.option("--points", default=3, show_default=True, type=click.IntRange(min=1), help="FID evaluations per arm, evenly spaced in training time (in images with --kimg).")
+@click.option("--kimg", type=click.FloatRange(min=0, min_open=True), help="Train every arm on this many thousand images instead of for --minutes (the paper's fixed-budget table).")
 @click.option("--fid-num", default=1000, show_default=True, type=click.IntRange(min=2), help="Generated images per FID.")
-@click.option("--arms", default="full,patch,progressive,diffusers", show_default=True, help="Comma-separated arms: full, patch, progressive, diffusers, and the variants paper, repeat, noise-shift, p-ramp, patch-lr, full-scale-shift ('' for none).")
+@click.option("--arms", help="Comma-separated arms: full, patch, progressive, diffusers, and the variants paper, repeat, noise-shift, p-ramp, patch-lr, full-scale-shift ('' for none). Default: full,patch,progressive,diffusers (without diffusers with --kimg).")
 @click.option("--p", "p_values", help="Extra stochastic arms, one per full-image ratio, e.g. 0.25,0.75.")
-@click.option("--subset", type=click.IntRange(min=1), help="Train on the first N images only (the small-data claim).")
+@click.option("--subset", type=click.IntRange(min=1), help="Train on N images only (the small-data claim), drawn at random with --subset-seed.")
+@click.option("--subset-seed", help="Seed of the --subset draw (default 0), or 'first' for the first N files by name.")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Network and optimiser recipe: {', '.join(PRESETS)}.")
 @click.option("--batch", type=click.IntRange(min=1), help="Base batch size for every arm (default: the preset's).")
 @_backbone_option
@@ -390,8 +408,10 @@ def bench() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted benchmark in --out.")
-def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num: int, arms: str,
-                      p_values: str | None, subset: int | None, preset: str, batch: int | None,
+def bench_time_to_fid(data: str, out: str, minutes: float, points: int, kimg: float | None,
+                      fid_num: int, arms: str | None,
+                      p_values: str | None, subset: int | None, subset_seed: str | None,
+                      preset: str, batch: int | None,
                       backbone: str | None, precond: str | None, channels: int | None,
                       precision: str, compile_: bool, ref_data: str | None,
                       ref_num: int | None, seed: int, device: str, resume: bool) -> None:
@@ -401,10 +421,12 @@ def bench_time_to_fid(data: str, out: str, minutes: float, points: int, fid_num:
     for p in _floats(p_values, "--p") or ():
         if not 0 <= p <= 1:
             raise UserError(f"--p values must lie in [0, 1], got {p}")
+    if arms is None:  # the diffusers arm has no image budget, only a time budget
+        arms = "full,patch,progressive" + ("" if kimg else ",diffusers")
     config = BenchConfig(
-        data=data, minutes=minutes, points=points, fid_num=fid_num,
+        data=data, minutes=minutes, points=points, kimg=kimg, fid_num=fid_num,
         arms=tuple(a.strip() for a in arms.split(",") if a.strip()), p_values=_floats(p_values, "--p") or (),
-        subset=subset, preset=preset, batch=batch, backbone=backbone, precond=precond,
+        subset=subset, subset_seed=_subset_seed(subset_seed, 0), preset=preset, batch=batch, backbone=backbone, precond=precond,
         channels=channels, precision=precision, compile=compile_, ref_data=ref_data, ref_num=ref_num, seed=seed, device=device)
     get_preset(preset)  # an unknown preset fails before any work
     run_time_to_fid(config, Path(out), resume=resume)

@@ -21,7 +21,7 @@ from .networks import DDPMppConfig, get_backbone
 from .patches import PatchConfig
 from .precond import EDMConfig, get_precond
 
-CONFIG_VERSION = 2  # 1: before component registries (DDPM++ and EDM only)
+CONFIG_VERSION = 3  # 1: before component registries (DDPM++ and EDM only); 2: first-N subsets
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,10 @@ class DataConfig:
     resolution: tuple[int, int] | None = None  # (H, W); None = the data's own size
     fit: Literal["none", "resize", "center-crop", "pad"] = "none"
     channels: int | None = None  # None = the data's own (1 or 3)
-    max_images: int | None = None  # use only the first N images
+    max_images: int | None = None  # use only N images (small-data runs)
+    # Which N: a random subset drawn with this seed (recorded, so a run can be rebuilt),
+    # or None for the first N in file-name order (configs before version 3).
+    subset_seed: int | None = 0
     xflip: bool = False  # random horizontal flips of the crops (coordinates unchanged)
     cond: bool = False  # condition on class labels when the data has them
     num_workers: int | None = None  # None = automatic
@@ -329,16 +332,22 @@ def read_config(data: Any, source: str) -> TrainConfig:
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 run config (DDPM++ and EDM built in) in today's form.
+    """An older run config in today's form.
 
     Version 1 kept label_dim/label_dropout inside the network's options, sigma_data on
     the model and EDM's P_mean/P_std on the loss; its DDPM++ used scale-shift
     conditioning with exactly-zero final layers (``adaptive_scale=True, init_zero=0``).
+    Versions 1 and 2 took the first N images for ``max_images``.
     """
-    model = data.get("model", {})
-    if "network" not in model:
+    version = data.get("version", 1)
+    if version >= CONFIG_VERSION:
         return data
     data = copy.deepcopy(data)
+    if version < 3:
+        data.setdefault("data", {})["subset_seed"] = None
+    data["version"] = CONFIG_VERSION
+    if "network" not in data.get("model", {}):
+        return data
     model, loss = data["model"], data.get("loss", {})
     network = model.pop("network")
     model["label_dim"] = network.pop("label_dim", 0)

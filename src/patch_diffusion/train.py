@@ -25,16 +25,22 @@ from tqdm.auto import tqdm
 from .checkpoint import (atomic_write_bytes, checkpoint_name, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, prefixed, prune_checkpoints, remove_stale_temp_files,
                          save_checkpoint, unprefixed)
-from .config import TrainConfig, read_config, to_dict, to_json
+from .config import DataConfig, TrainConfig, read_config, to_dict, to_json
 from .data import ImageDataset, default_num_workers, open_dataset
 from .devices import resolve_device
 from .errors import UserError
 from .evaluate import FIDTracker
 from .generate import sample, save_grid
 from .networks import get_backbone
-from .patches import PatchSchedule, default_patch_sizes
+from .patches import PatchSchedule, default_patch_sizes, steps_for_duration
 from .runs import RunLog, new_run_dir
 from .step import Trainer, TrainState
+
+
+def open_run_data(data: DataConfig) -> ImageDataset:
+    """The data set a run's config names, with its subset."""
+    return open_dataset(data.path, resolution=data.resolution, fit=data.fit, channels=data.channels,
+                        max_images=data.max_images, subset_seed=data.subset_seed)
 
 
 def resolve_config(config: TrainConfig, dataset: ImageDataset, notes: list[str] | None = None
@@ -153,6 +159,7 @@ def train(
     run_dir: Path | None = None,
     backbone: torch.nn.Module | None = None,
     stop_after_minutes: float | None = None,
+    stop_after_kimg: float | None = None,
     pace_minutes: float | None = None,
     progress: bool = True,
 ) -> Path:
@@ -168,16 +175,15 @@ def train(
     ``config.max_minutes`` applies to each call, so a run continues in slices; when the
     run's duration is not reached first, it also paces the progressive schedule, as if
     training ended with this call (``pace_minutes`` sets that total time instead).
-    ``stop_after_minutes`` pauses when the run's total training time reaches it.
+    ``stop_after_minutes`` pauses when the run's total training time reaches it, and
+    ``stop_after_kimg`` when its images seen do (counted as ``duration_kimg`` is).
 
     SIGTERM or SIGINT saves a checkpoint after the current step and raises
     ``Interrupted``; a loss that is not finite skips its step, and
     ``MAX_NONFINITE_STEPS`` of them in a row stop the run with a ``UserError``.
     """
     device = resolve_device(config.device)
-    dataset = open_dataset(config.data.path, resolution=config.data.resolution,
-                           fit=config.data.fit, channels=config.data.channels,
-                           max_images=config.data.max_images)
+    dataset = open_run_data(config.data)
     notes: list[str] = []
     config = resolve_config(config, dataset, notes)
     trainer = Trainer(config, device, backbone)
@@ -226,6 +232,8 @@ def train(
     limit = state.train_seconds + config.max_minutes * 60 if config.max_minutes is not None else None
     pace = pace_minutes * 60 if pace_minutes is not None else limit
     pause = stop_after_minutes * 60 if stop_after_minutes is not None else None
+    pause_step = (steps_for_duration(stop_after_kimg, config.batch_size, trainer.schedule.expected_multiplier)
+                  if stop_after_kimg is not None else None)
     window = {"loss": 0.0, "steps": 0, "images": 0, "busy": 0.0}
     if limit:  # a time budget: the bar counts training seconds, not a step total it may never reach
         bar = time_bar(limit, state.train_seconds, progress)
@@ -255,7 +263,8 @@ def train(
                 window["images"] += batch.images.shape[0]
                 if not limit:
                     bar.update(1)
-            over_time = any(t is not None and state.train_seconds >= t for t in (limit, pause))
+            over_time = (any(t is not None and state.train_seconds >= t for t in (limit, pause))
+                         or (pause_step is not None and state.step >= pause_step))
             done = state.step == trainer.total_steps or over_time
             if signals.received is not None:  # save and leave: a preempted job has seconds, not minutes
                 if window["steps"]:
@@ -276,6 +285,8 @@ def train(
             if over_time:
                 what = (f"--minutes {config.max_minutes:g} used up" if limit and state.train_seconds >= limit
                         else f"paused after {state.train_seconds / 60:.2f} minutes of training")
+                if pause_step is not None and state.step >= pause_step:
+                    what = f"paused at {stop_after_kimg:g} kimg"
                 log.info(f"stopping: {what} at step {state.step} "
                          f"({state.step * img_per_step / 1000:.1f} kimg); {_resume_hint(run_dir)}")
                 stop_reason = "time"
@@ -312,6 +323,7 @@ def _nonfinite_step(log: RunLog, state: TrainState, in_a_row: int, run_dir: Path
 _FIXED_ON_RESUME = {  # what the data position, the weights or the random streams depend on
     "batch_size": "--batch", "seed": "--seed", "data.path": "--data", "data.resolution": "--resolution",
     "data.fit": "--fit", "data.channels": "the channel count", "data.max_images": "--max-images",
+    "data.subset_seed": "--subset-seed",
     "data.cond": "--cond", "model": "the network options", "patch": "the patch schedule options",
     "loss": "the loss options",
 }

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
-from ..data import InfiniteBatches, open_dataset
+from ..data import InfiniteBatches
 from ..errors import UserError
 from ..generate import from_uint8, to_uint8
 from ..samplers import SeededNoise
 from ..step import autocast_for
-from ..train import advance, data_on_device, time_bar
+from ..train import advance, data_on_device, open_run_data, time_bar
 
 DDIM_STEPS = 50
 BLOCK_CHANNELS = (32, 32, 64)  # 0.76M parameters for 1 channel, about our fmnist-32 net's 0.75M
@@ -68,8 +68,7 @@ def run_diffusers_arm(
     diffusers = import_diffusers()
     from diffusers.training_utils import EMAModel
 
-    dataset = open_dataset(config.data.path, resolution=config.data.resolution, fit=config.data.fit,
-                           channels=config.data.channels, max_images=config.data.max_images)
+    dataset = open_run_data(config.data)
     resolution = tuple(dataset.resolution)
     torch.manual_seed(config.seed)
     model = build_unet(dataset.channels, resolution).to(device).train()

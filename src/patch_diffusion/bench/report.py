@@ -26,11 +26,13 @@ def time_to_reach(points: list[dict[str, Any]], level: float) -> float | None:
 def write_report(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
     bench = results["bench"]
+    budget = (f"{bench['kimg']:g} kimg (thousand images) per arm" if bench.get("kimg")
+              else f"{bench['minutes']:g} training minutes per arm")
     lines = [
         "# Time-to-FID",
         "",
-        f"Data `{bench['data']}`" + (f" (first {bench['subset']} images)" if bench.get("subset") else "")
-        + f", preset `{bench['preset']}`, {bench['minutes']:g} training minutes per arm, seed {bench['seed']}; "
+        f"Data `{bench['data']}`" + (_subset(bench) if bench.get("subset") else "")
+        + f", preset `{bench['preset']}`, {budget}, seed {bench['seed']}; "
         f"FID of {bench['fid_num']} generated images against {results['ref']['num']} images of "
         f"`{results['ref']['data']}`.",
         "",
@@ -44,6 +46,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         rate = record["points"][-1]["img_per_s"] if record["points"] else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {rate} |")
     full = arms.get("full", {}).get("points", [])
+    if bench.get("kimg"):
+        lines += fixed_budget_table(arms)
     if full:
         lines += ["", "Training time to reach the full-image arm's FID at each of its points, "
                   "relative to the full arm (below 1 = faster; linear interpolation between points):", "",
@@ -60,6 +64,42 @@ def write_report(results: dict[str, Any], path: Path) -> None:
                              f"{'≤ ' if early else ''}{t / reference:.2f}x ({t:.1f} min)")
             lines.append(f"| {level:.2f} | " + " | ".join(cells) + " |")
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _subset(bench: dict[str, Any]) -> str:
+    seed = bench.get("subset_seed")
+    return (f" ({bench['subset']} images drawn with seed {seed})" if seed is not None
+            else f" (first {bench['subset']} images)")
+
+
+def fixed_budget_table(arms: dict[str, Any]) -> list[str]:
+    """Final FID and training time of each arm after the same images, with both ratios
+    against the full-image arm (the layout of the paper's Table 1)."""
+    full = arms.get("full", {}).get("points", [])
+    lines = ["", "After the same number of images: final FID and training time, each relative to "
+             "the full-image arm (time below 1 = faster, FID below 1 = better):", "",
+             "| arm | kimg | FID | training min | FID / full | time / full |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, record in arms.items():
+        if not record["points"]:
+            continue
+        last = record["points"][-1]
+        ratios = ["", ""]
+        if full:  # every arm stops at the first step past the budget: kimg agree to one step
+            ratios = [f"{last['fid'] / full[-1]['fid']:.2f}", f"{last['minutes'] / full[-1]['minutes']:.2f}"]
+        lines.append(f"| {name} | {last['kimg']:g} | {last['fid']:.2f} | {last['minutes']:.2f} | "
+                     + " | ".join(ratios) + " |")
+    return lines
+
+
+def plain_log_ticks(axis: Any) -> None:
+    """Label a log axis with plain numbers (60, 80, 100, 150) instead of powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
@@ -82,6 +122,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel(f"FID ({results['bench']['fid_num']} samples)")
     for ax in axes:
         ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.tight_layout()

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig, replace
-from ..data import open_dataset
 from ..devices import resolve_device
 from ..patches import PatchBatch, PatchConfig
 from ..step import Trainer
-from ..train import data_on_device, resolve_config
+from ..train import data_on_device, open_run_data, resolve_config
 
 PHASES = ("data", "patches", "step")
 
@@ -31,8 +30,7 @@ def run_throughput(config: TrainConfig, *, steps: int = 10, warmup: int = 2) -> 
     share of a pipelined training loop's time that data and patches add. The phases are
     the training loop's own (``step.Trainer``), not a copy of them."""
     device = resolve_device(config.device)
-    dataset = open_dataset(config.data.path, resolution=config.data.resolution, fit=config.data.fit,
-                           channels=config.data.channels, max_images=config.data.max_images)
+    dataset = open_run_data(config.data)
     if config.patch.schedule == "full":  # still show what patches would cost
         config = replace(config, patch=PatchConfig())
     config = resolve_config(config, dataset)

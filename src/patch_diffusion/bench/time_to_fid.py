@@ -6,6 +6,10 @@ and checkpoints never eat into an arm's budget. Each arm trains in K segments th
 resume bit-exactly from the previous checkpoint; after each segment the EMA weights
 are scored against cached reference statistics. Results are written after every point,
 so ``resume=True`` continues an interrupted benchmark, or adds arms to a finished one.
+
+With ``kimg`` every arm instead trains on the same nominal number of images (the
+paper's Table comparison: final FID and the wall time each schedule needed), with the
+K points evenly spaced in images.
 """
 
 from __future__ import annotations
@@ -82,11 +86,13 @@ DEFAULT_ARMS = ("full", "patch", "progressive", "diffusers")
 class BenchConfig:
     data: str = "fashion-mnist"
     minutes: float = 12.0  # training-time budget per arm
-    points: int = 3  # FID evaluations per arm, evenly spaced in training time
+    points: int = 3  # FID evaluations per arm, evenly spaced in training time (or in kimg)
+    kimg: float | None = None  # instead of a time budget: this many thousand images per arm
     fid_num: int = 1000  # generated images per FID
     arms: tuple[str, ...] = DEFAULT_ARMS
     p_values: tuple[float, ...] = ()  # extra stochastic arms, one per full-image ratio
-    subset: int | None = None  # train on the first N images only (small-data runs)
+    subset: int | None = None  # train on N images only (small-data runs)
+    subset_seed: int | None = 0  # which N: drawn with this seed; None = the first N (older results)
     preset: str = "fmnist-32"
     batch: int | None = None  # base batch (default: the preset's)
     backbone: str | None = None  # networks.BACKBONES name (default: the preset's)
@@ -131,13 +137,20 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     """Run (or continue) the benchmark in ``out``; returns the results dict."""
     if bench.points < 1 or bench.minutes <= 0:
         raise UserError("--points must be at least 1 and --minutes positive")
+    if bench.kimg is not None and bench.kimg <= 0:
+        raise UserError(f"--kimg must be positive, got {bench.kimg:g}")
+    if bench.kimg is not None and "diffusers" in bench.arms:
+        raise UserError("the diffusers arm trains on a time budget only; drop it from --arms with --kimg")
     base = with_data(get_preset(bench.preset), bench.data)
     base = apply_model_options(base, backbone=bench.backbone, precond=bench.precond,
                                model_channels=bench.channels)
-    base = replace(base, data=replace(base.data, max_images=bench.subset), seed=bench.seed,
+    base = replace(base, data=dataclasses.replace(base.data, max_images=bench.subset,
+                                                  subset_seed=bench.subset_seed), seed=bench.seed,
                    device=bench.device, max_minutes=bench.minutes, duration_kimg=1e9,
                    checkpoint_kimg=1e9, sample_kimg=1e9, keep_checkpoints=1,
                    batch_size=bench.batch, precision=bench.precision, compile=bench.compile)
+    if bench.kimg is not None:  # the paper's comparison: the same nominal images for every arm
+        base = replace(base, duration_kimg=bench.kimg, max_minutes=None)
     arms = arm_configs(bench, base)  # bad options fail before anything is read or written
     out = Path(out)
     results_path = out / "results.json"
@@ -177,10 +190,12 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
         arm_dir = out / "arms" / name
         for k in range(len(record["points"]) + 1, bench.points + 1):
             previous = latest_checkpoint(arm_dir)
-            train(config, arm_dir, resume_from=previous,
-                  run_dir=previous.parent if previous else None,
-                  stop_after_minutes=bench.minutes * k / bench.points, pace_minutes=bench.minutes,
-                  progress=progress)
+            if bench.kimg is not None:
+                budget = dict(stop_after_kimg=bench.kimg * k / bench.points)
+            else:
+                budget = dict(stop_after_minutes=bench.minutes * k / bench.points, pace_minutes=bench.minutes)
+            train(config, arm_dir, resume_from=previous, run_dir=previous.parent if previous else None,
+                  progress=progress, **budget)
             checkpoint = latest_checkpoint(arm_dir)
             record["points"].append(_evaluate(checkpoint, bench, ref, inception, device, progress))
             atomic_write_bytes(results_path, json.dumps(results, indent=1).encode())
@@ -288,7 +303,8 @@ def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torc
 def _settings(bench: dict[str, Any]) -> dict[str, Any]:
     """What must match for arms to be comparable: everything but the choice of arms
     (settings a results file predates take their defaults)."""
-    bench = {**_jsonable(BenchConfig()), **bench}
+    # Results written before subset_seed existed took the first N images.
+    bench = {**_jsonable(BenchConfig()), "subset_seed": None, **bench}
     return {k: v for k, v in bench.items() if k not in ("arms", "p_values")}
 
 
