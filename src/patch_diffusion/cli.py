@@ -329,24 +329,31 @@ def fid_ref(data: str, out: str, num: int | None, resolution: str | None, fit: s
 @click.option("--fit", type=click.Choice(["none", "resize", "center-crop", "pad"]), default="none", show_default=True)
 @click.option("--kid", "with_kid", is_flag=True, help="Also compute KID (needs reference features).")
 @click.option("--pr", "with_pr", is_flag=True, help="Also compute precision/recall (k = 3).")
+@click.option("--memorization", help="Also measure memorisation against these training images (folder, zip or name; brought to the generated images' size, with a checkpoint as its run did; a checkpoint's own data means the images it trained on, its --max-images subset included): share of images whose nearest training image is under 1/3 the distance of the second-nearest, in pixels and in Inception features.")
+@click.option("--memorization-num", type=click.IntRange(min=2), help="With --memorization: use the first N training images (default: all; each costs an Inception pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True)
 @_inception_option
 def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | None, seeds: str | None,
              steps: int | None, sampler: str | None, guidance: float | None, resolution: str | None, fit: str, with_kid: bool, with_pr: bool,
+             memorization: str | None, memorization_num: int | None,
              as_json: bool, batch: int, device: str, inception: str | None) -> None:
     """Score images (a folder, zip or name) or a checkpoint's samples against reference statistics."""
     import json
 
+    from .data import open_dataset
     from .devices import resolve_device
-    from .evaluate import check_compatible, image_features, model_features, score
+    from .evaluate import (check_compatible, check_training_images, features_and_images,
+                           memorization_scores, sample_batches, score)
     from .generate import load_denoiser, parse_seeds
     from .guidance import check_request
-    from .metrics import load_inception, load_reference
+    from .metrics import compute_features, dataset_batches, load_inception, load_reference
 
     if (images is None) == (checkpoint is None):
         raise UserError("give exactly one of --images DIR_ZIP_OR_NAME and --checkpoint CKPT")
+    if memorization_num is not None and memorization is None:
+        raise UserError("--memorization-num needs --memorization TRAIN_DIR_ZIP_OR_NAME; add it or drop the count")
     reference = load_reference(ref)
     dev = resolve_device(device)
     if checkpoint:
@@ -356,19 +363,38 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
         check_compatible(reference, size, ref)
         check_request(denoiser.label_dim, weight=guidance)
         settings = replace(run_config.sampler, num_steps=steps, name=sampler, guidance=guidance)
-        feats = model_features(denoiser, size, seed_list, settings, batch_size=batch, device=dev,
-                               net=load_inception(inception, dev))
-        source = checkpoint
+        generated = sample_batches(denoiser, size, seed_list, settings, batch_size=batch, device=dev)
+        total, source = len(seed_list), checkpoint
+        # Training images as the run saw them: its canvas, fit and channels.
+        train_view = dict(resolution=size, fit=run_config.data.fit, channels=denoiser.image_channels)
+        if memorization == run_config.data.path and memorization_num is None:
+            # the run's own data: exactly the images it trained on (its --max-images subset)
+            train_view.update(max_images=run_config.data.max_images, subset_seed=run_config.data.subset_seed)
+        shape = (denoiser.image_channels, *size)
     else:
-        from .data import open_dataset
-
         dataset = open_dataset(images, resolution=_resolution(resolution), fit=fit)
         check_compatible(reference, dataset.resolution, ref)
-        feats = image_features(dataset, num=num, batch_size=batch, device=dev,
-                               net=load_inception(inception, dev))
-        source = images
+        total, source = len(dataset) if num is None else num, images
+        generated = dataset_batches(dataset, batch, total)
+        train_view = dict(resolution=_resolution(resolution), fit=fit, channels=dataset.channels)
+        shape = (dataset.channels, *dataset.resolution)
+    train = None
+    if memorization is not None:  # opened before any slow work, so its mistakes show at once
+        train = open_dataset(memorization, **{"max_images": memorization_num, **train_view})
+        if memorization_num is not None and len(train) < memorization_num:
+            raise UserError(f"{train.name} has only {len(train)} images, fewer than --memorization-num "
+                            f"{memorization_num}; ask for fewer or leave it out to use all")
+        check_training_images(train, shape)
+    net = load_inception(inception, dev)
+    if train is None:
+        feats = compute_features(generated, net, dev, total=total)
+    else:
+        feats, pixels = features_and_images(generated, total=total, device=dev, net=net)
     result = {"source": str(source), "ref": str(ref), **score(feats, reference, with_kid=with_kid,
                                                             with_pr=with_pr, device=dev)}
+    if train is not None:
+        result.update(memorization=str(memorization),
+                      **memorization_scores(pixels, feats, train, batch_size=batch, device=dev, net=net))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -377,6 +403,10 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
         line += f"  KID {result['kid']:.5f} +- {result['kid_std']:.5f}"
     if with_pr:
         line += f"  precision {result['precision']:.3f}  recall {result['recall']:.3f}"
+    if train is not None:
+        line += "".join(f"  {name} memorized {result['memorized_' + key]:.3f} nn {result['nn_distance_' + key]:.3f} "
+                        f"ratio {result['nn_ratio_' + key]:.3f}" for name, key in (("pixels", "px"), ("Inception", "inception")))
+        line += f" (vs {result['memorization_num']} training images)"
     click.echo(line)
 
 

@@ -1,4 +1,5 @@
-"""FID runs: reference statistics of a data set, and scores of images or of a model.
+"""FID runs: reference statistics of a data set, and scores of images or of a model
+(FID, KID, precision/recall, and memorisation of the training images).
 
 The metric maths lives in ``metrics/``; this module wires it to data sets, image
 folders and checkpoints. Reference statistics are computed once and cached in a file;
@@ -8,7 +9,7 @@ every evaluation reuses them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from .data import ImageDataset, open_dataset
 from .devices import resolve_device
 from .errors import UserError
 from .generate import sample
-from .metrics import (FeatureStats, InceptionV3, compute_features, dataset_batches,
-                      frechet_distance, kid, load_inception, load_reference, precision_recall,
-                      save_reference, stats_from_features)
+from .metrics import (FeatureStats, InceptionV3, NearestTwo, compute_features, dataset_batches,
+                      frechet_distance, kid, load_inception, load_reference, memorization_from_distances,
+                      precision_recall, save_reference, stats_from_features)
 from .precond import Precond
 
 
@@ -81,12 +82,92 @@ def model_features(
     progress: bool = True,
 ) -> np.ndarray:
     """Generate one image per seed with ``denoiser`` and return their Inception features."""
-    def batches() -> Iterator[torch.Tensor]:
-        for start in tqdm(range(0, len(seeds), batch_size), desc="generating", unit="batch",
-                          disable=not progress, leave=False):
-            yield sample(denoiser, seeds[start:start + batch_size], sampler, resolution, device)
+    batches = sample_batches(denoiser, resolution, seeds, sampler, batch_size=batch_size, device=device,
+                             progress=progress)
+    return compute_features(batches, net, device, total=len(seeds), progress=progress)
 
-    return compute_features(batches(), net, device, total=len(seeds), progress=progress)
+
+def sample_batches(
+    denoiser: Precond,
+    resolution: tuple[int, int],
+    seeds: list[int],
+    sampler: SamplerConfig,
+    *,
+    batch_size: int = 64,
+    device: torch.device,
+    progress: bool = True,
+) -> Iterator[torch.Tensor]:
+    """One generated image per seed, as uint8 ``[B, C, H, W]`` batches in seed order."""
+    for start in tqdm(range(0, len(seeds), batch_size), desc="generating", unit="batch",
+                      disable=not progress, leave=False):
+        yield sample(denoiser, seeds[start:start + batch_size], sampler, resolution, device)
+
+
+def features_and_images(
+    batches: Iterable[torch.Tensor],
+    *,
+    total: int | None = None,
+    device: torch.device,
+    net: InceptionV3,
+    progress: bool = True,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Inception features of uint8 ``batches`` and the images themselves (uint8, on the
+    CPU), for metrics that need the pixels as well (memorisation)."""
+    kept: list[torch.Tensor] = []
+
+    def keeping() -> Iterator[torch.Tensor]:
+        for images in batches:
+            kept.append(images.cpu())
+            yield images
+
+    features = compute_features(keeping(), net, device, total=total, progress=progress)
+    return features, torch.cat(kept) if kept else torch.zeros(0, dtype=torch.uint8)
+
+
+def check_training_images(train: ImageDataset, shape: tuple[int, ...]) -> None:
+    """Refuse to compare generated images of ``shape`` (C, H, W) with training images of
+    another shape: pixel distances between them mean nothing."""
+    expected = (train.channels, *train.resolution)
+    if tuple(shape) != expected:
+        raise UserError(f"the generated images are {'x'.join(map(str, shape))} (CxHxW) but the training images of "
+                        f"{train.name} are {'x'.join(map(str, expected))}; bring them to the same size with "
+                        "--resolution and --fit, as the model was trained")
+
+
+def memorization_scores(
+    images: torch.Tensor,
+    features: np.ndarray,
+    train: ImageDataset,
+    *,
+    batch_size: int = 64,
+    device: torch.device,
+    net: InceptionV3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Memorisation (see ``metrics.memorization``) of generated ``images`` (uint8
+    ``[N, C, H, W]``) and their Inception ``features`` against every image of ``train``.
+
+    Two spaces, each with its share ``memorized_*``, mean nearest distance
+    ``nn_distance_*`` and mean ratio ``nn_ratio_*``: ``px``, l2 on pixels in [0, 1];
+    ``inception``, l2 on the 2048-d pool features. The training images are streamed a
+    batch at a time (pixels and features), so only the generated set stays in memory.
+    """
+    check_training_images(train, tuple(images.shape[1:]))
+    # The search runs in float64, which MPS lacks: there it runs on the CPU.
+    where = torch.device("cpu") if device.type == "mps" else device
+    pixels = NearestTwo(images.flatten(1), device=where)  # uint8: cast per block, exact in float64
+    inception = NearestTwo(torch.from_numpy(np.asarray(features, np.float64)), device=where)
+    for batch in tqdm(dataset_batches(train, batch_size), total=-(-len(train) // batch_size),
+                      desc="training images", unit="batch", disable=not progress, leave=False):
+        pixels.update(batch.flatten(1))
+        inception.update(torch.from_numpy(compute_features([batch], net, device, progress=False)))
+    result: dict[str, Any] = {}
+    for space, search, scale in (("px", pixels, 1 / 255), ("inception", inception, 1.0)):
+        d1, d2, _ = search.result()
+        found = memorization_from_distances(d1, d2, scale=scale)
+        result.update({f"{key}_{space}": found[key] for key in ("memorized", "nn_distance", "nn_ratio")})
+    result["memorization_num"] = len(train)
+    return result
 
 
 def check_compatible(ref: FeatureStats, resolution: tuple[int, int], ref_path: str | os.PathLike) -> None:
