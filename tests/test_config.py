@@ -116,3 +116,16 @@ def test_mismatched_component_config_is_refused():
 
     with pytest.raises(UserError, match="DDPMppConfig"):
         ModelConfig(backbone="ddpmpp", backbone_config=ADMConfig())
+
+
+def test_emoji64_preset_fits_its_network_at_every_patch_size(tmp_path):
+    from conftest import write_images
+    from patch_diffusion.data import open_dataset
+    from patch_diffusion.train import resolve_config
+
+    config = get_preset("emoji-64")
+    dataset = open_dataset(str(write_images(tmp_path / "emoji", count=2, size=(64, 64))))
+    notes = []
+    resolved = resolve_config(config, dataset, notes)
+    assert resolved.model.resolution == (64, 64) and resolved.model.channels == 3
+    assert notes == [] and resolved.patch.patch_sizes == ()  # the paper's 16 and 32 both fit

@@ -221,6 +221,25 @@ def _fmnist32() -> TrainConfig:
     )
 
 
+def _emoji64() -> TrainConfig:
+    # The 3,786 64x64 emoji (built-in 'emoji'), sized for CPU runs of tens of minutes:
+    # four levels (64 to 8 px) at 16-64 channels, batch 16 (step times in BENCHMARKS.md).
+    return TrainConfig(
+        preset="emoji-64",
+        data=DataConfig(path="emoji", xflip=True),
+        model=ModelConfig(backbone_config=DDPMppConfig(
+            model_channels=16, channel_mult=(1, 2, 2, 4), num_blocks=1, attn_resolutions=())),
+        batch_size=16,
+        duration_kimg=100.0,
+        lr=1e-3,
+        lr_warmup_kimg=2.0,
+        ema_halflife_kimg=5.0,
+        checkpoint_kimg=10.0,
+        sample_kimg=10.0,
+        log_kimg=1.0,
+    )
+
+
 def _celeba64() -> TrainConfig:
     # The paper's CelebA-64 recipe (DDPM++, channel mults 1,2,2,2, batch 256,
     # lr 2e-4, dropout 0.05, no augmentation, p = 0.5, 200M images).
@@ -241,7 +260,7 @@ def _celeba64() -> TrainConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "fmnist-32": _fmnist32, "celeba-64": _celeba64}
+PRESETS = {"tiny": _tiny, "fmnist-32": _fmnist32, "emoji-64": _emoji64, "celeba-64": _celeba64}
 
 
 def get_preset(name: str) -> TrainConfig:
