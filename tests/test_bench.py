@@ -249,6 +249,10 @@ def test_fixed_image_budget_trains_every_arm_on_the_same_images(tiny_data, tmp_p
         per_step = 8 * {"full": 1.0, "patch": 1.9, "progressive": 1 / (0.2 / 4 + 0.3 / 2 + 0.5), "patch-p0.25": 2.35}[name]
         assert 0.06 <= first < 0.06 + per_step / 1000 + 1e-6, name
         assert 0.12 <= last < 0.12 + per_step / 1000 + 1e-6, name
+    from patch_diffusion.train import checkpoint_config
+    from patch_diffusion.runs import latest_checkpoint
+    trained = checkpoint_config(latest_checkpoint(out / "arms" / "progressive"))
+    assert trained.max_minutes is None and trained.duration_kimg == 0.12  # paced by images, not time
     report = (out / "report.md").read_text()
     assert "0.12 kimg (thousand images) per arm" in report and "| arm | kimg | FID | training min |" in report
     assert "| full | 0.12 | 833.33 |" in report and "| 1.00 | 1.00 |" in report

@@ -150,7 +150,7 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
                    checkpoint_kimg=1e9, sample_kimg=1e9, keep_checkpoints=1,
                    batch_size=bench.batch, precision=bench.precision, compile=bench.compile)
     if bench.kimg is not None:  # the paper's comparison: the same nominal images for every arm
-        base = replace(base, duration_kimg=bench.kimg, max_minutes=None)
+        base = dataclasses.replace(base, duration_kimg=bench.kimg, max_minutes=None)  # None is a value here
     arms = arm_configs(bench, base)  # bad options fail before anything is read or written
     out = Path(out)
     results_path = out / "results.json"
