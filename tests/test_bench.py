@@ -278,3 +278,14 @@ def test_log_fid_axes_are_labelled_with_plain_numbers():
     plt.close(fig)
     assert {"70", "100", "150"} <= set(labels)
     assert not any("^" in label or "$" in label for label in labels)
+
+
+def test_reference_data_is_the_held_out_split_only_where_one_exists(tmp_path):
+    from patch_diffusion.bench import BenchConfig
+    from patch_diffusion.bench.time_to_fid import reference_data
+
+    assert reference_data(BenchConfig(data="fashion-mnist")) == "fashion-mnist:test"
+    assert reference_data(BenchConfig(data="mnist:train")) == "mnist:test"
+    assert reference_data(BenchConfig(data="emoji")) == "emoji"  # no test split: its own images
+    assert reference_data(BenchConfig(data=str(tmp_path))) == str(tmp_path)
+    assert reference_data(BenchConfig(data="emoji", ref_data="x")) == "x"

@@ -29,7 +29,7 @@ import torch
 
 from ..checkpoint import atomic_write_bytes, load_checkpoint
 from ..config import TrainConfig, apply_model_options, apply_recipe, get_preset, replace, with_data
-from ..data import default_cache_dir, open_dataset
+from ..data import default_cache_dir, has_test_split, open_dataset
 from ..devices import resolve_device
 from ..errors import UserError
 from ..evaluate import cached_reference, model_features, reference_cache_path, score
@@ -127,9 +127,9 @@ def reference_data(bench: BenchConfig) -> str:
     if bench.ref_data:
         return bench.ref_data
     name, _, split = bench.data.partition(":")
-    if not Path(bench.data).exists() and split in ("", "train"):
+    if has_test_split(bench.data) and split in ("", "train"):
         return f"{name}:test"  # built-in sets: score against the held-out split
-    return bench.data
+    return bench.data  # emoji, folders and zips: against the training images themselves
 
 
 def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,

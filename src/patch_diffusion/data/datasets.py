@@ -71,6 +71,11 @@ _IDX_SPLITS = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # emoji: the 64x64 PNGs of Google's emoji in the npm package emoji-datasource-google.
+def has_test_split(spec: str) -> bool:
+    """True for built-in names with a held-out split (fashion-mnist, mnist), not emoji."""
+    return not Path(spec).exists() and spec.lower().partition(":")[0] in _IDX_URLS
+
+
 _EMOJI_SPEC = "emoji-datasource-google@16.0.0"
 _EMOJI_TGZ = "emoji-datasource-google-16.0.0.tgz"
 _EMOJI_URL = "https://registry.npmjs.org/emoji-datasource-google/-/" + _EMOJI_TGZ
