@@ -10,9 +10,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
-
 from .checkpoint import list_checkpoints, newest_good_checkpoint
+from .errors import UserError
 
 _RUN = re.compile(r"^(\d{5})-")
 

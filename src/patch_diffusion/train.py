@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (atomic_write_bytes, checkpoint_name, load_checkpoint, optimizer_from_tensors,
-                         optimizer_to_tensors, prefixed, prune_checkpoints, remove_stale_temp_files,
-                         save_checkpoint, unprefixed)
+from .checkpoint import (atomic_write_bytes, checkpoint_name, list_checkpoints, load_checkpoint,
+                         optimizer_from_tensors, optimizer_to_tensors, prefixed, prune_checkpoints,
+                         remove_stale_temp_files, save_checkpoint, unprefixed)
 from .config import DataConfig, TrainConfig, read_config, to_dict, to_json
 from .data import ImageDataset, default_num_workers, open_dataset
 from .devices import resolve_device
@@ -68,7 +68,7 @@ def resolve_config(config: TrainConfig, dataset: ImageDataset, notes: list[str] 
                         "--fit pad (or resize), or fewer resolution levels")
     schedule = PatchSchedule(config.patch, model.resolution)
     if not config.patch.patch_sizes and len(schedule.divisors) > 1:
-        config = _fitting_defaults(config, schedule, multiple, notes)
+        config = _fitting_defaults(config, multiple, notes)
         schedule = PatchSchedule(config.patch, model.resolution)
     for divisor in schedule.divisors:
         h, w = schedule.patch_shape(divisor)
@@ -80,28 +80,30 @@ def resolve_config(config: TrainConfig, dataset: ImageDataset, notes: list[str] 
     return config
 
 
-def _fitting_defaults(config: TrainConfig, schedule: PatchSchedule, multiple: int,
-                      notes: list[str] | None) -> TrainConfig:
+def _fitting_defaults(config: TrainConfig, multiple: int, notes: list[str] | None) -> TrainConfig:
     """The default patch sizes that the network takes; an error naming a canvas that
     fits when none does."""
     height, width = config.model.resolution
+
+    def shape(size: int) -> str:  # a patch of this height keeps the canvas's aspect ratio
+        return f"{size}x{width // (height // size)}"
+
     sizes = default_patch_sizes(height)
     fitting = tuple(s for s in sizes if s % multiple == 0 and (width // (height // s)) % multiple == 0)
     if fitting == sizes:
         return config
-    dropped = ", ".join(f"{s}x{width // (height // s)}" for s in sizes if s not in fitting)
+    dropped = ", ".join(shape(s) for s in sizes if s not in fitting)
     why = f"the {config.model.backbone} network needs sides divisible by {multiple}"
+    canvas = _fitting_size(height, 4 * multiple)
     if not fitting:
         raise UserError(f"the default patches ({dropped}) do not fit {height}x{width} images: {why}; "
-                        f"use --resolution {_fitting_size(height, 4 * multiple)} --fit pad, or "
-                        "--patch-sizes, or --schedule full")
+                        f"use --resolution {canvas} --fit pad, or --patch-sizes, or --schedule full")
     if config.patch.probs:
         raise UserError(f"the default patches {dropped} do not fit ({why}), so --patch-probs has no "
                         "sizes to refer to; give --patch-sizes with it")
     if notes is not None:
-        kept = ", ".join(f"{s}x{width // (height // s)}" for s in fitting)
-        notes.append(f"patch sizes: {kept} (default {dropped} left out: {why}; "
-                     f"--patch-sizes or --resolution {_fitting_size(height, 4 * multiple)} --fit pad to choose)")
+        notes.append(f"patch sizes: {', '.join(shape(s) for s in fitting)} (default {dropped} left out: "
+                     f"{why}; --patch-sizes or --resolution {canvas} --fit pad to choose)")
     return replace(config, patch=replace(config.patch, patch_sizes=fitting))
 
 
@@ -263,9 +265,8 @@ def train(
                 window["images"] += batch.images.shape[0]
                 if not limit:
                     bar.update(1)
-            over_time = (any(t is not None and state.train_seconds >= t for t in (limit, pause))
-                         or (pause_step is not None and state.step >= pause_step))
-            done = state.step == trainer.total_steps or over_time
+            spent = _budget_spent(state, config, limit, pause, pause_step, stop_after_kimg)
+            done = state.step == trainer.total_steps or spent is not None
             if signals.received is not None:  # save and leave: a preempted job has seconds, not minutes
                 if window["steps"]:
                     _log_stats(log, bar, window, state, img_per_step, trainer.lr())
@@ -282,12 +283,8 @@ def train(
                 _fid_point(trainer, fid, log)
             if state.step % every["ckpt"] == 0 or done:
                 _save(run_dir, trainer, backbone, log)
-            if over_time:
-                what = (f"--minutes {config.max_minutes:g} used up" if limit and state.train_seconds >= limit
-                        else f"paused after {state.train_seconds / 60:.2f} minutes of training")
-                if pause_step is not None and state.step >= pause_step:
-                    what = f"paused at {stop_after_kimg:g} kimg"
-                log.info(f"stopping: {what} at step {state.step} "
+            if spent is not None:
+                log.info(f"stopping: {spent} at step {state.step} "
                          f"({state.step * img_per_step / 1000:.1f} kimg); {_resume_hint(run_dir)}")
                 stop_reason = "time"
                 break
@@ -302,6 +299,18 @@ def train(
     return run_dir
 
 
+def _budget_spent(state: TrainState, config: TrainConfig, limit: float | None, pause: float | None,
+                  pause_step: int | None, stop_after_kimg: float | None) -> str | None:
+    """Why this call's budget is used up (time per call, total time, images), or None."""
+    if pause_step is not None and state.step >= pause_step:
+        return f"paused at {stop_after_kimg:g} kimg"
+    if limit is not None and state.train_seconds >= limit:
+        return f"--minutes {config.max_minutes:g} used up"
+    if pause is not None and state.train_seconds >= pause:
+        return f"paused after {state.train_seconds / 60:.2f} minutes of training"
+    return None
+
+
 def _resume_hint(run_dir: Path) -> str:
     return (f"continue with: patch-diffusion train --outdir {run_dir.parent} --resume latest "
             "(--minutes applies to each call)")
@@ -312,7 +321,6 @@ def _nonfinite_step(log: RunLog, state: TrainState, in_a_row: int, run_dir: Path
     log.info(f"loss not finite at step {state.step + 1}: step skipped, weights unchanged "
              f"({in_a_row} in a row, {state.skipped_steps} in all)")
     if in_a_row >= MAX_NONFINITE_STEPS:
-        from .checkpoint import list_checkpoints
         kept = list_checkpoints(run_dir)
         last = f"the last checkpoint ({kept[-1].name}) is from before" if kept else "no checkpoint was written"
         raise UserError(f"the loss was not finite for {in_a_row} steps in a row (up to step "

@@ -71,11 +71,6 @@ _IDX_SPLITS = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # emoji: the 64x64 PNGs of Google's emoji in the npm package emoji-datasource-google.
-def has_test_split(spec: str) -> bool:
-    """True for built-in names with a held-out split (fashion-mnist, mnist), not emoji."""
-    return not Path(spec).exists() and spec.lower().partition(":")[0] in _IDX_URLS
-
-
 _EMOJI_SPEC = "emoji-datasource-google@16.0.0"
 _EMOJI_TGZ = "emoji-datasource-google-16.0.0.tgz"
 _EMOJI_URL = "https://registry.npmjs.org/emoji-datasource-google/-/" + _EMOJI_TGZ
@@ -84,6 +79,11 @@ _EMOJI_COUNT = 3786  # PNGs in that folder of version 16.0.0; checked after a do
 _EMOJI_SHAPE = (3, 64, 64)
 _EMOJI_NPY = "emoji-datasource-google-16.0.0-64.npy"  # decoded uint8 [N, 3, 64, 64], beside the .tgz
 _BUILTIN_NAMES = ", ".join(f"{n}, {n}:test" for n in _IDX_URLS) + ", emoji"
+
+
+def has_test_split(spec: str) -> bool:
+    """True for built-in names with a held-out split (fashion-mnist, mnist), not emoji."""
+    return not Path(spec).exists() and spec.lower().partition(":")[0] in _IDX_URLS
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -581,19 +581,8 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
         arr = _load_emoji(cache)
         keep = _subset(len(arr), max_images, subset_seed)
         images = torch.from_numpy(arr[keep])  # fancy indexing copies, so the tensor owns its memory
-        if channels == 1:
-            # PIL's 'L' luma on one tall image, before fitting, as for image files.
-            n, _, h, w = images.shape
-            tall = PIL.Image.fromarray(images.permute(0, 2, 3, 1).reshape(n * h, w, 3).numpy(), "RGB")
-            images = torch.from_numpy(np.array(tall.convert("L"))).reshape(n, 1, h, w)
-        if resolution is not None:
-            if fit == "none" and tuple(images.shape[-2:]) != resolution:
-                raise UserError(f"emoji images are 64x64, not {resolution[0]}x{resolution[1]}; "
-                                "pass --fit pad, resize or center-crop")
-            images = _fit_tensor(images, resolution, fit, base)
-        return ImageDataset(name="emoji", labels=torch.full((len(images),), -1, dtype=torch.int64), num_classes=0,
-                            resolution=(images.shape[-2], images.shape[-1]), channels=images.shape[1],
-                            images=images.contiguous())
+        return _built_in("emoji", images, torch.full((len(images),), -1, dtype=torch.int64), 0,
+                         resolution, fit, channels)
     if base not in _IDX_URLS or split not in ("", *_IDX_SPLITS):
         raise UserError(f"no such folder, zip or built-in dataset '{spec}'; built-in names: {_BUILTIN_NAMES} "
                         "(add :train for the train split explicitly)")
@@ -601,14 +590,29 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
     arr, labels = _load_idx(base, split, cache)
     keep = _subset(len(arr), max_images, subset_seed)
     images = torch.from_numpy(arr[keep]).unsqueeze(1)  # fancy indexing copies the read-only buffer
+    return _built_in(f"{base}:{split}", images, torch.from_numpy(labels[keep].astype(np.int64)), 10,
+                     resolution, fit, channels)
+
+
+def _built_in(name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+              resolution: tuple[int, int] | None, fit: str, channels: int | None) -> ImageDataset:
+    """An in-memory built-in set from uint8 [N, C, H, W] images, brought to ``channels``
+    (RGB -> gray by PIL's 'L' luma, before fitting, as for image files; gray -> RGB
+    repeats) and to ``resolution`` by ``fit``."""
+    if channels == 1 and images.shape[1] == 3:
+        # One tall image through PIL, so the luma rounds exactly as for image files.
+        n, _, h, w = images.shape
+        tall = PIL.Image.fromarray(images.permute(0, 2, 3, 1).reshape(n * h, w, 3).numpy(), "RGB")
+        images = torch.from_numpy(np.array(tall.convert("L"))).reshape(n, 1, h, w)
     if resolution is not None:
+        base = name.partition(":")[0]
         if fit == "none" and tuple(images.shape[-2:]) != resolution:
             h, w = images.shape[-2:]
             raise UserError(f"{base} images are {h}x{w}, not {resolution[0]}x{resolution[1]}; "
                             "pass --fit pad, resize or center-crop")
         images = _fit_tensor(images, resolution, fit, base)
-    if channels == 3:
+    if channels == 3 and images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
-    return ImageDataset(name=f"{base}:{split}", labels=torch.from_numpy(labels[keep].astype(np.int64)),
-                        num_classes=10, resolution=(images.shape[-2], images.shape[-1]),
-                        channels=images.shape[1], images=images.contiguous())
+    return ImageDataset(name=name, labels=labels, num_classes=num_classes,
+                        resolution=(images.shape[-2], images.shape[-1]), channels=images.shape[1],
+                        images=images.contiguous())
