@@ -79,7 +79,22 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     groups = max(1, min(32, channels // 4))
     while channels % groups:
         groups -= 1
-    return nn.GroupNorm(groups, channels, eps=eps)
+    return GroupNorm(groups, channels, eps=eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that normalises bf16 channels-last input in NCHW order.
+
+    PyTorch's CPU kernel for bf16 channels-last group norm runs 2-3x slower than an
+    NCHW copy plus the NCHW kernel (measured, BENCHMARKS.md); the convolution after it
+    takes either layout. Other dtypes and layouts go straight through.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not x.is_contiguous():
+            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return y.contiguous(memory_format=torch.channels_last)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def resample(x: torch.Tensor, mode: Resample) -> torch.Tensor:
