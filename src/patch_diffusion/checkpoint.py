@@ -205,3 +205,11 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for index, entries in info["scalars"].items():
         state.setdefault(int(index), {}).update(entries)
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    # Saved state is contiguous; give it back each parameter's memory layout (channels-last
+    # weights), as fused Adam pairs elements by storage order and would mix them otherwise.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            entries = optimizer.state.get(param, {})
+            for name, value in entries.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    entries[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)

@@ -154,7 +154,7 @@ def main() -> None:
 @click.option("--patch-noise-shift", type=float, help="Lower P_mean by this per halving of the patch side (0 = paper).")
 @click.option("--patch-lr-scale", type=float, help="Learning-rate multiplier for steps on patches (1 = paper).")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the network (one graph per patch size; pays off on GPUs).")
-@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for the convolutions.")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for the convolutions (default: on CPU only).")
 @click.option("--duration", type=float, help="Training length in kimg (thousands of images seen).")
 @click.option("--minutes", type=float, help="Stop after this many minutes of training steps in this call (checkpointed; --resume latest continues for as long again).")
 @click.option("--batch", type=int, help="Base batch size (an R/d patch step uses d times as many images).")
@@ -175,7 +175,7 @@ def main() -> None:
 @click.option("--cond/--no-cond", default=None, help="Condition on class labels (from subfolders, dataset.json or the IDX labels).")
 @click.option("--seed", type=int, help="Random seed (weights, data order, patches, noise).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16: autocast the network (for GPUs; slow on most CPUs).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="bf16: autocast the network, fp32 weights; auto (default): bf16 on CPUs with AMX, fp32 elsewhere. Sampling from the run uses it too.")
 @click.option("--checkpoint-every", type=float, help="Checkpoint interval in kimg.")
 @click.option("--sample-every", type=float, help="Sample-grid interval in kimg.")
 @click.option("--keep", type=int, help="Keep the newest N checkpoints (0 = all).")
@@ -281,7 +281,7 @@ def demo(outdir: str, minutes: float, fid_num: int, fid_ref_num: int, device: st
                                     default_cache_dir(), device=device)
         denoiser, run_config = load_denoiser(checkpoint, dev)
         features = model_features(denoiser, (32, 32), list(range(fid_num)), run_config.sampler,
-                                  device=dev, net=load_inception(None, dev))
+                                  device=dev, net=load_inception(None, dev), precision=run_config.precision)
         result = score(features, load_reference(ref_path))
         click.echo(f"FID {result['fid']:.2f} ({fid_num} vs {fid_ref_num} images; small samples give "
                    "higher FIDs than the usual 50k-image figures)")
@@ -363,7 +363,8 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
         check_compatible(reference, size, ref)
         check_request(denoiser.label_dim, weight=guidance)
         settings = replace(run_config.sampler, num_steps=steps, name=sampler, guidance=guidance)
-        generated = sample_batches(denoiser, size, seed_list, settings, batch_size=batch, device=dev)
+        generated = sample_batches(denoiser, size, seed_list, settings, batch_size=batch, device=dev,
+                                   precision=run_config.precision)
         total, source = len(seed_list), checkpoint
         # Training images as the run saw them: its canvas, fit and channels.
         train_view = dict(resolution=size, fit=run_config.data.fit, channels=denoiser.image_channels)
@@ -431,7 +432,7 @@ def bench() -> None:
 @_backbone_option
 @_precond_option
 @_channels_option
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]), help="bf16 autocast for every arm (for GPUs).")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]), help="Every arm's precision (auto: bf16 on CPUs with AMX, fp32 elsewhere).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the patch arms' network.")
 @click.option("--ref-data", help="Reference images (default: the test split of a built-in set, else --data).")
 @click.option("--ref-num", type=click.IntRange(min=2), help="Reference images to use (default: all; cached).")
@@ -509,9 +510,9 @@ def bench_samplers(checkpoint: str, ref: str, out: str, names: str, nfe: str, fi
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timed steps per patch size.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first, per patch size (compilation happens here).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="bf16: autocast the network.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="bf16: autocast the network (default auto: bf16 on CPUs with AMX).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network.")
-@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout.")
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout (default: on CPU only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_throughput(data: str, preset: str, batch: int | None, backbone: str | None,
                      precond: str | None, channels: int | None, steps: int, warmup: int, device: str,

@@ -167,9 +167,10 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast for the network
+    # bf16 = autocast for the network; auto = bf16 on CPUs with AMX, else fp32 (devices.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False  # torch.compile the network (one graph per patch size)
-    channels_last: bool = False  # NHWC memory layout for the network's convolutions
+    channels_last: bool | None = None  # NHWC layout for the convolutions; None = on CPU only
     checkpoint_kimg: float = 50.0
     sample_kimg: float = 50.0
     log_kimg: float = 1.0

@@ -80,10 +80,12 @@ def model_features(
     device: torch.device,
     net: InceptionV3,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Generate one image per seed with ``denoiser`` and return their Inception features."""
+    """Generate one image per seed with ``denoiser`` (in the run's ``precision``) and
+    return their Inception features."""
     batches = sample_batches(denoiser, resolution, seeds, sampler, batch_size=batch_size, device=device,
-                             progress=progress)
+                             progress=progress, precision=precision)
     return compute_features(batches, net, device, total=len(seeds), progress=progress)
 
 
@@ -96,11 +98,13 @@ def sample_batches(
     batch_size: int = 64,
     device: torch.device,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> Iterator[torch.Tensor]:
     """One generated image per seed, as uint8 ``[B, C, H, W]`` batches in seed order."""
     for start in tqdm(range(0, len(seeds), batch_size), desc="generating", unit="batch",
                       disable=not progress, leave=False):
-        yield sample(denoiser, seeds[start:start + batch_size], sampler, resolution, device)
+        yield sample(denoiser, seeds[start:start + batch_size], sampler, resolution, device,
+                     precision=precision)
 
 
 def features_and_images(
@@ -213,11 +217,11 @@ class FIDTracker:
         self.inception_path = inception
         self._net: InceptionV3 | None = None
 
-    def __call__(self, denoiser: Precond, sampler: SamplerConfig) -> float:
+    def __call__(self, denoiser: Precond, sampler: SamplerConfig, precision: str = "fp32") -> float:
         if self._net is None:
             self._net = load_inception(self.inception_path, self.device)
         feats = model_features(denoiser, self.resolution, list(range(self.num)), sampler,
-                               device=self.device, net=self._net, progress=False)
+                               device=self.device, net=self._net, progress=False, precision=precision)
         return score(feats, self.ref)["fid"]
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, unprefixed
 from .config import SamplerConfig, TrainConfig, read_config, replace, to_dict
-from .devices import resolve_device, to_device
+from .devices import autocast, memory_format, resolve_device, to_device
 from .errors import UserError
 from .guidance import check_request, guided, seed_labels
 from .model import build_denoiser
@@ -32,7 +32,8 @@ from .samplers import SeededNoise, count_calls, get_sampler, karras_sigmas
 def load_denoiser(path: str | os.PathLike, device: torch.device,
                   weights: str = "ema") -> tuple[Precond, TrainConfig]:
     """The denoiser (EMA weights by default) and the run config stored in a checkpoint:
-    the backbone and preconditioning it names, rebuilt from their recorded configs."""
+    the backbone and preconditioning it names, rebuilt from their recorded configs, in
+    the memory layout the run's settings give on ``device``."""
     tensors, meta = load_checkpoint(path)
     config = read_config(meta.get("config"), str(path))
     if meta.get("backbone", config.model.backbone) != config.model.backbone:
@@ -40,7 +41,8 @@ def load_denoiser(path: str | os.PathLike, device: torch.device,
                         "in Python and load the weights with patch_diffusion.load_weights")
     net = build_denoiser(config.model)
     _load_state(net, unprefixed(weights, tensors), path)
-    return net.to(device).eval().requires_grad_(False), config
+    layout = memory_format(config.channels_last, device)
+    return net.to(device, memory_format=layout).eval().requires_grad_(False), config
 
 
 def load_weights(denoiser: Precond, path: str | os.PathLike, weights: str = "ema") -> Precond:
@@ -97,12 +99,15 @@ def sample(
     class_labels: torch.Tensor | None = None,
     class_label: int | None = None,
     counter: list[int] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Generate one image per seed as uint8 [N, C, H, W] with the configured sampler.
 
     A conditional model gets ``class_labels`` [N, label_dim], else every seed gets
     ``class_label``, else a class drawn from its seed; ``sampler.guidance`` applies.
     ``counter`` (a one-element list) accumulates the network evaluations used.
+    ``precision`` is the run's (auto, fp32, bf16): as in EDM, a network trained in
+    reduced precision also samples in it; the sampler's own state stays float64.
     """
     noise = SeededNoise(seeds, device)
     latents = noise.randn((net.image_channels, *resolution))
@@ -110,8 +115,9 @@ def sample(
     if label_dim and class_labels is None:
         class_labels = seed_labels(seeds, label_dim, class_label, device)
     denoise = count_calls(guided(net, class_labels, sampler.guidance))
-    x = get_sampler(sampler.name)(denoise, latents, sampler_sigmas(net, sampler),
-                                  randn_like=noise.randn_like, **sampler_options(sampler))
+    with autocast(precision, device):  # touches the network's matrix math only
+        x = get_sampler(sampler.name)(denoise, latents, sampler_sigmas(net, sampler),
+                                      randn_like=noise.randn_like, **sampler_options(sampler))
     if counter is not None:
         counter[0] += denoise.calls
     return to_uint8(x)
@@ -273,7 +279,7 @@ def generate_to_folder(
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         images = sample(net, [seeds[k] for k in batch], sampler, config.model.resolution, dev,
-                        class_label=class_label, counter=counter)
+                        class_label=class_label, counter=counter, precision=config.precision)
         for k, image in zip(batch, images):
             atomic_write_bytes(paths[k], encode_png(image))
             if k < shown:

@@ -13,7 +13,6 @@ throughput benchmark times the very same phases.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 
 from .config import TrainConfig
 from .data import ImageDataset, InfiniteBatches
-from .devices import to_device
+from .devices import autocast, memory_format, to_device
 from .generate import from_uint8
 from .loss import denoising_loss
 from .model import build_denoiser, wrap_backbone
@@ -57,14 +56,15 @@ class Trainer:
         self.img_per_step = config.batch_size * self.schedule.expected_multiplier
         torch.manual_seed(config.seed)  # initial weights and dropout
         net = build_denoiser(config.model) if backbone is None else wrap_backbone(backbone, config.model)
-        self.net = net.to(device, memory_format=memory_format(config)).train()
+        self.memory_format = memory_format(config.channels_last, device)
+        self.net = net.to(device, memory_format=self.memory_format).train()
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.step_net = compiled(self.net, config, device)
         self.optimizer = make_optimizer(self.net, config, device)
         self.patch_gen = torch.Generator().manual_seed(config.seed + 1)  # sizes, offsets, flips
         self.noise_gen = torch.Generator(device=device).manual_seed(config.seed + 2)  # sigma, noise, labels
         self.state = TrainState()
-        self.autocast = autocast_for(config, device)
+        self.autocast = autocast(config.precision, device)
         self.loader: Iterator | None = None
         self.data_size: int | None = None
 
@@ -103,7 +103,7 @@ class Trainer:
         if model.label_dim:
             cond = torch.nn.functional.one_hot(to_device(labels, self.device), model.label_dim).float()
             cond = drop_labels(cond, model.label_dropout, self.noise_gen)
-        return laid_out(make_patches(images, cond, divisor, self.patch_gen), self.config)
+        return laid_out(make_patches(images, cond, divisor, self.patch_gen), self.memory_format)
 
     def optimise(self, batch: PatchBatch) -> torch.Tensor | None:
         """Loss, backward, Adam and EMA for one batch of crops; returns the loss (on device),
@@ -162,14 +162,10 @@ def next_images(loader: Iterator, divisor: int, state: TrainState,
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def memory_format(config: TrainConfig) -> torch.memory_format:
-    return torch.channels_last if config.channels_last else torch.contiguous_format
-
-
-def laid_out(batch: PatchBatch, config: TrainConfig) -> PatchBatch:
+def laid_out(batch: PatchBatch, layout: torch.memory_format) -> PatchBatch:
     """``batch`` with crops and coordinates in the memory layout the network runs in."""
-    batch.images = batch.images.contiguous(memory_format=memory_format(config))
-    batch.pos = batch.pos.contiguous(memory_format=memory_format(config))
+    batch.images = batch.images.contiguous(memory_format=layout)
+    batch.pos = batch.pos.contiguous(memory_format=layout)
     return batch
 
 
@@ -185,15 +181,10 @@ def compiled(net: torch.nn.Module, config: TrainConfig, device: torch.device) ->
 
 
 def make_optimizer(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    # One fused kernel for all parameters on CUDA instead of several per tensor.
+    # One fused kernel for all parameters instead of several per tensor: on the 2-core
+    # CPU, Adam's per-tensor loop took 7 ms of every step (BENCHMARKS.md, "CPU speed").
     return torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                            fused=device.type == "cuda")
-
-
-def autocast_for(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+                            fused=device.type in ("cuda", "cpu"))
 
 
 def step_lr(config: TrainConfig, step: int, img_per_step: float, divisor: int) -> float:

@@ -437,14 +437,14 @@ def _describe(log: RunLog, trainer: Trainer, dataset: ImageDataset, resume_from:
 def _sample_grid(trainer: Trainer, run_dir: Path, log: RunLog) -> None:
     config = trainer.config
     grid = sample(trainer.ema, list(range(config.grid_seeds)), config.sampler,
-                  config.model.resolution, trainer.device)
+                  config.model.resolution, trainer.device, precision=config.precision)
     path = save_grid(grid, run_dir / f"samples-{trainer.state.step:08d}.png", scale=_grid_scale(config))
     log.info(f"samples: {path}")
 
 
 def _fid_point(trainer: Trainer, fid: FIDTracker, log: RunLog) -> None:
     config, step = trainer.config, trainer.state.step
-    value = fid(trainer.ema, config.sampler)
+    value = fid(trainer.ema, config.sampler, config.precision)
     kimg = step * trainer.img_per_step / 1000
     log.stats({"step": step, "kimg": round(kimg, 4), "fid": round(value, 4), "fid_num": config.fid_num})
     log.info(f"FID ({config.fid_num} images) at {kimg:.1f} kimg: {value:.2f}")

@@ -24,10 +24,10 @@ import torch
 
 from ..config import TrainConfig
 from ..data import InfiniteBatches
+from ..devices import autocast as precision_autocast
 from ..errors import UserError
 from ..generate import from_uint8, to_uint8
 from ..samplers import SeededNoise
-from ..step import autocast_for
 from ..train import advance, data_on_device, open_run_data, time_bar
 
 DDIM_STEPS = 50
@@ -82,7 +82,7 @@ def run_diffusers_arm(
     # The same data path as the EDM arms, so the comparison stays fair on a GPU.
     loader = iter(InfiniteBatches(data_on_device(dataset, config, device), config.batch_size,
                                   seed=config.seed, num_workers=0, pin_memory=device.type == "cuda"))
-    autocast = autocast_for(config, device)
+    autocast = precision_autocast(config.precision, device)
     total = budgets[-1]
     seconds, step = 0.0, 0
     for budget in budgets:

@@ -63,7 +63,7 @@ def run_sampler_sweep(checkpoint: str | Path, ref_path: str | Path, out: Path, *
             steps = steps_for_nfe(name, target)
             sampler = replace(config.sampler, name=name, num_steps=steps)
             feats = model_features(net, config.model.resolution, list(range(fid_num)), sampler,
-                                   device=dev, net=inception, progress=progress)
+                                   device=dev, net=inception, progress=progress, precision=config.precision)
             point = {"sampler": name, "target_nfe": target, "steps": steps,
                      "nfe": get_sampler(name).nfe(steps), "fid": round(score(feats, reference)["fid"], 4)}
             results["points"].append(point)

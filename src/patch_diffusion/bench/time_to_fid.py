@@ -98,7 +98,7 @@ class BenchConfig:
     backbone: str | None = None  # networks.BACKBONES name (default: the preset's)
     precond: str | None = None  # precond.PRECONDS name (default: the preset's)
     channels: int | None = None  # backbone base channels (default: the preset's)
-    precision: str = "fp32"  # bf16 = autocast (for GPUs)
+    precision: str = "auto"  # every arm's; auto = bf16 on CPUs with AMX, else fp32
     compile: bool = False  # torch.compile the patch arms' network
     ref_data: str | None = None  # default: the test split of a built-in set, else the data
     ref_num: int | None = None  # reference images (default: all of ref_data)
@@ -293,7 +293,8 @@ def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torc
     denoiser, config = load_denoiser(checkpoint, device)
     meta = load_checkpoint(checkpoint, with_tensors=False)[1]
     features = model_features(denoiser, config.model.resolution, list(range(bench.fid_num)),
-                              config.sampler, device=device, net=inception, progress=progress)
+                              config.sampler, device=device, net=inception, progress=progress,
+                              precision=config.precision)
     seconds = float(meta["train_seconds"])
     return {"minutes": round(seconds / 60, 4), "steps": meta["step"], "kimg": round(meta["kimg"], 3),
             "img_per_s": round(meta["kimg"] * 1000 / max(seconds, 1e-9), 2),
