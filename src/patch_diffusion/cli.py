@@ -513,11 +513,13 @@ def bench_samplers(checkpoint: str, ref: str, out: str, names: str, nfe: str, fi
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="bf16: autocast the network (default auto: bf16 on CPUs with AMX).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the network.")
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout (default: on CPU only).")
+@click.option("--profile", default=0, type=click.IntRange(min=0), metavar="N",
+              help="Also profile each patch size's step and list its N most costly operators.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_throughput(data: str, preset: str, batch: int | None, backbone: str | None,
                      precond: str | None, channels: int | None, steps: int, warmup: int, device: str,
                      precision: str | None, compile_: bool | None, channels_last: bool | None,
-                     as_json: bool) -> None:
+                     profile: int, as_json: bool) -> None:
     """Training img/s and kpixel/s per patch size and for the schedule; where step time goes."""
     import json
 
@@ -527,7 +529,7 @@ def bench_throughput(data: str, preset: str, batch: int | None, backbone: str | 
                                  precond=precond, model_channels=channels)
     config = replace(config, batch_size=batch, device=device, precision=precision, compile=compile_,
                      channels_last=channels_last)
-    result = run_throughput(config, steps=steps, warmup=warmup)
+    result = run_throughput(config, steps=steps, warmup=warmup, profile=profile)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
