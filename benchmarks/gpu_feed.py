@@ -22,7 +22,8 @@ from patch_diffusion.devices import to_device
 from patch_diffusion.loss import denoising_loss
 from patch_diffusion.model import build_denoiser
 from patch_diffusion.patches import PatchBatch, PatchSchedule, make_patches, crop, coordinate_grid
-from patch_diffusion.step import TrainState, autocast_for, compiled, make_optimizer, next_images, update_ema
+from patch_diffusion.devices import autocast as precision_autocast
+from patch_diffusion.step import TrainState, compiled, make_optimizer, next_images, update_ema
 from patch_diffusion.train import resolve_config
 
 compile_ = "--compile" in sys.argv
@@ -37,7 +38,7 @@ net = build_denoiser(config.model).to(device).train()
 ema = copy.deepcopy(net).eval().requires_grad_(False)
 step_net = compiled(net, config, device)
 opt = make_optimizer(net, config, device)
-autocast = autocast_for(config, device)
+autocast = precision_autocast(config.precision, device)
 loader = iter(InfiniteBatches(dataset, 256, seed=0, pin_memory=True))
 gen = torch.Generator().manual_seed(0)
 ngen = torch.Generator(device=device).manual_seed(0)
