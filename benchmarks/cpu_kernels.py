@@ -5,7 +5,9 @@
 2. Inception-v3 per image (batch 64): batch norms folded or not, and bf16 for reference
    (not used: it moves the features by about 3%);
 3. one network evaluation of the fmnist-32 denoiser per image (batch 64), as sampling
-   runs it: fp32 or bf16, NCHW or channels-last.
+   runs it: fp32 or bf16, NCHW or channels-last;
+4. attention over the few tokens of a UNet's lowest level, forward and backward:
+   PyTorch's fused kernel against two matrix products (``layers.attention``).
 
     PYTHONPATH=src python benchmarks/cpu_kernels.py
 
@@ -92,8 +94,26 @@ def sampling() -> None:
             print(f"  {dtype} {name:<13} {median_ms(call, 10, 2) / 64:.3f}")
 
 
+def attentions() -> None:
+    print("\nattention, forward + backward, ms (median of 30): PyTorch's kernel / two matrix products")
+    for batch, tokens in [(32, 64), (64, 16), (128, 4)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(batch, 1, tokens, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+
+            def fused():
+                F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+
+            def products():
+                weights = torch.softmax((q @ k.transpose(-1, -2)).float() * 64 ** -0.5, dim=-1)
+                (weights.to(v.dtype) @ v).float().sum().backward()
+
+            print(f"  batch {batch:>3}, {tokens:>2} tokens, {str(dtype)[6:]:>8}: "
+                  f"{median_ms(fused):.3f} / {median_ms(products):.3f}")
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     group_norms()
     inception()
     sampling()
+    attentions()

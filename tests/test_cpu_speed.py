@@ -11,7 +11,7 @@ from patch_diffusion import devices
 from patch_diffusion.config import get_preset, read_config, replace, to_dict
 from patch_diffusion.devices import autocast, memory_format, resolve_precision
 from patch_diffusion.errors import UserError
-from patch_diffusion.networks.layers import GroupNorm, group_norm
+from patch_diffusion.networks.layers import GroupNorm, attention, group_norm
 from patch_diffusion.patches import PatchConfig
 from patch_diffusion.step import Trainer
 
@@ -200,3 +200,17 @@ def test_resumed_adam_state_takes_the_layout_of_channels_last_weights():
     resumed.grad = grads[1].clone()
     opt.step()
     assert torch.equal(resumed, straight)
+
+
+def test_bf16_cpu_attention_matches_the_fused_kernel():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 16, 8) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attention(q, k, v), expected)  # fp32: PyTorch's kernel itself
+    got = attention(*(t.to(torch.bfloat16) for t in (q, k, v)))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=0.05)
+    # and gradients reach all three inputs through the bf16 path
+    qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    attention(qb, kb, vb).float().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (qb, kb, vb))
