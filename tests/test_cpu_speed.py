@@ -214,3 +214,12 @@ def test_bf16_cpu_attention_matches_the_fused_kernel():
     qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
     attention(qb, kb, vb).float().sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (qb, kb, vb))
+
+
+def test_the_run_log_names_the_precision_and_layout_in_use(tiny_data, tmp_path):
+    for flags, shown in [(["--precision", "bf16"], "device: cpu (bf16, channels-last)"),
+                         (["--precision", "fp32", "--no-channels-last"], "device: cpu (fp32, NCHW)")]:
+        result = run("train", "--data", tiny_data, "--preset", "tiny", "--device", "cpu", "--workers", "0",
+                     "--duration", "0.01", "--outdir", tmp_path / flags[1], *flags)
+        assert result.exit_code == 0, result.output
+        assert shown in result.output

@@ -45,9 +45,6 @@ def to_device(tensor: torch.Tensor, device: torch.device | str | None) -> torch.
     return tensor.to(device)
 
 
-Precision = Literal["auto", "fp32", "bf16"]
-
-
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, which run oneDNN's bf16 convolutions several
     times faster than fp32 (BENCHMARKS.md, "CPU speed")."""

@@ -27,7 +27,7 @@ from .checkpoint import (atomic_write_bytes, checkpoint_name, list_checkpoints, 
                          remove_stale_temp_files, save_checkpoint, unprefixed)
 from .config import DataConfig, TrainConfig, read_config, to_dict, to_json
 from .data import ImageDataset, default_num_workers, open_dataset
-from .devices import resolve_device
+from .devices import resolve_device, resolve_precision
 from .errors import UserError
 from .evaluate import FIDTracker
 from .generate import sample, save_grid
@@ -425,7 +425,9 @@ def _describe(log: RunLog, trainer: Trainer, dataset: ImageDataset, resume_from:
     n_params = sum(p.numel() for p in trainer.net.parameters())
     log.info(f"{'resuming from ' + str(resume_from) if resume_from else 'new run'} in {log.run_dir}")
     log.info(f"data: {dataset.name}, {len(dataset)} images, {model.channels}x"
-             f"{model.resolution[0]}x{model.resolution[1]}; device: {trainer.device}; "
+             f"{model.resolution[0]}x{model.resolution[1]}; device: {trainer.device} "
+             f"({resolve_precision(config.precision, trainer.device)}, "
+             f"{'channels-last' if trainer.memory_format == torch.channels_last else 'NCHW'}); "
              f"network: {backbone} in {model.precond} preconditioning, {n_params / 1e6:.2f}M parameters")
     log.info(f"schedule: {config.patch.schedule}, patches "
              + ", ".join(f"{'x'.join(map(str, schedule.patch_shape(d)))} p={p:.2f}"
