@@ -68,6 +68,9 @@ TORCHSCRIPT_NAME = "inception-2015-12-05.pt"
 _FORMAT = "patch-diffusion-inception"
 
 
+_BN_EPS = 1e-3  # TF's batch norm eps in NVIDIA's network; the folded weights use it too
+
+
 class _ConvBN(nn.Module):
     """Bias-free conv, batch norm with beta only (TF scale=False, eps 1e-3), ReLU."""
 
@@ -90,7 +93,7 @@ class _ConvBN(nn.Module):
         over the activations instead of two, about 13% faster on CPU; features move by
         ~1e-5, like the change of memory layout (BENCHMARKS.md, "CPU speed")."""
         with torch.no_grad():
-            scale = torch.rsqrt(self.var + 1e-3)
+            scale = torch.rsqrt(self.var + _BN_EPS)
             self.folded_weight = self.weight * scale.reshape(-1, 1, 1, 1)  # keeps its memory layout
             self.folded_bias = self.beta - self.mean * scale
 
@@ -98,7 +101,7 @@ class _ConvBN(nn.Module):
         if self.folded_weight is not None:
             return F.relu(F.conv2d(x, self.folded_weight, self.folded_bias, self.stride, self.padding))
         x = F.conv2d(x, self.weight, None, self.stride, self.padding)
-        x = F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, 1e-3)
+        x = F.batch_norm(x, self.mean, self.var, None, self.beta, False, 0.0, _BN_EPS)
         return F.relu(x)
 
 
