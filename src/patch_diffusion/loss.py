@@ -40,6 +40,22 @@ class LossConfig:
     patch_P_mean_shift: float = 0.0  # ln(sigma) lowered by this per halving of the patch side
 
 
+def draw_noise(
+    precond: Precond,
+    shape: tuple[int, ...] | torch.Size,
+    config: LossConfig,
+    generator: torch.Generator | None = None,
+    divisor: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training noise levels sigma [N] (with the patch shift) and unit noise of ``shape``
+    for a batch of N crops, drawn in this order from ``generator``."""
+    sigma = precond.sample_sigma(shape[0], generator, device)
+    sigma = log_sigma_shift(sigma, config.patch_P_mean_shift, divisor)
+    noise = torch.randn(shape, device=device, generator=generator)
+    return sigma, noise
+
+
 def denoising_loss(
     denoiser: Precond,
     images: torch.Tensor,
@@ -49,20 +65,24 @@ def denoising_loss(
     generator: torch.Generator | None = None,
     divisor: int = 1,
     precond: Precond | None = None,
+    *,
+    sigma: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scalar training loss for one batch of crops ``images`` with coordinates ``pos``.
 
     ``divisor`` is the crops' d (R/d patches), used only by ``patch_P_mean_shift``.
-    Noise is drawn with ``generator`` (on the images' device) so runs are reproducible.
+    Noise is drawn with ``generator`` (on the images' device) so runs are reproducible,
+    unless ``sigma`` and unit ``noise`` are given (drawn by ``draw_noise`` for a larger
+    batch that this one is a part of: gradient accumulation, several processes).
     ``precond`` supplies the sigma distribution and weight when ``denoiser`` is a
     compiled wrapper of it.
     """
     precond = precond or denoiser
     batch = images.shape[0]
-    sigma = precond.sample_sigma(batch, generator, images.device)
-    sigma = log_sigma_shift(sigma, config.patch_P_mean_shift, divisor)
+    if sigma is None or noise is None:
+        sigma, noise = draw_noise(precond, images.shape, config, generator, divisor, images.device)
     weight = precond.loss_weight(sigma)
-    noise = torch.randn(images.shape, device=images.device, generator=generator)
     noisy = images + noise * sigma.reshape(-1, 1, 1, 1)
     denoised = denoiser(noisy, sigma, labels, pos=pos)
     per_pixel = weight.reshape(-1, 1, 1, 1) * (denoised - images.to(denoised.dtype)) ** 2

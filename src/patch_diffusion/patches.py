@@ -233,11 +233,22 @@ def make_patches(
     labels: torch.Tensor | None,
     divisor: int,
     generator: torch.Generator,
+    *,
+    rows: torch.Tensor | None = None,
+    total: int | None = None,
 ) -> PatchBatch:
-    """Random crops of ``images`` (already the step's B*d distinct images) plus coordinates."""
+    """Random crops of ``images`` (already the step's B*d distinct images) plus coordinates.
+
+    With ``rows``, ``images`` are those rows of a batch of ``total`` held elsewhere in
+    part (another process): offsets are drawn for all ``total`` and these rows kept, so
+    each image gets the crop it would get in one process."""
     canvas = (images.shape[2], images.shape[3])
     patch = (canvas[0] // divisor, canvas[1] // divisor)
-    offsets = random_offsets(images.shape[0], patch, canvas, generator, device=images.device)
+    if rows is None:
+        offsets = random_offsets(images.shape[0], patch, canvas, generator, device=images.device)
+    else:
+        drawn = random_offsets(total or images.shape[0], patch, canvas, generator)
+        offsets = to_device(drawn[rows], images.device)
     if divisor == 1:
         crops = images
     else:

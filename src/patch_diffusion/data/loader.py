@@ -4,6 +4,9 @@ The sample order is a stream made of consecutive epochs, each a permutation seed
 by (seed, epoch). Batch k is the slice [k*B, (k+1)*B) of that stream, so it depends
 only on (seed, k): resuming with ``start_batch=k`` continues exactly where an
 uninterrupted run would be, and batch size stays exact even across epoch ends.
+
+In a job of several processes every process walks the same stream and loads only its
+share of each batch (``shard``), so the data position is one number for the whole job.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from patch_diffusion.data.datasets import ImageDataset
 from patch_diffusion.errors import UserError
 
 
-def default_num_workers() -> int:
-    """A worker count that leaves one core to the training process: min(4, cores - 1)."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_num_workers(processes: int = 1) -> int:
+    """A worker count that leaves one core to each training process on this machine:
+    min(4, cores per process - 1)."""
+    return max(0, min(4, (os.cpu_count() or 1) // max(processes, 1) - 1))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -52,14 +56,24 @@ def batch_index_stream(n: int, batch_size: int, seed: int, start_batch: int = 0,
         yield torch.cat(parts)
 
 
-class _BatchSampler(torch.utils.data.Sampler):
-    """Feeds the index stream to a DataLoader; each item is one whole batch of indices."""
+def shard_stream(stream: Iterator[torch.Tensor], rank: int, world_size: int) -> Iterator[torch.Tensor]:
+    """Process ``rank``'s contiguous share of every batch of ``stream``."""
+    for indices in stream:
+        share = len(indices) // world_size
+        yield indices[rank * share:(rank + 1) * share]
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int, shuffle: bool) -> None:
+
+class _BatchSampler(torch.utils.data.Sampler):
+    """Feeds the index stream to a DataLoader; each item is one whole batch of indices
+    (this process's share of it)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int, shuffle: bool,
+                 shard: tuple[int, int]) -> None:
         self.args = (n, batch_size, seed, start_batch, shuffle)
+        self.shard = shard
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return batch_index_stream(*self.args)
+        return shard_stream(batch_index_stream(*self.args), *self.shard)
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:
@@ -114,17 +128,23 @@ class InfiniteBatches:
 
     Each call to ``iter()`` starts again at ``start_batch``. In-memory datasets with
     ``num_workers == 0`` are sliced in this process; otherwise a DataLoader with
-    the same batch order does the decoding in worker processes.
+    the same batch order does the decoding in worker processes. ``shard=(rank, world)``
+    yields only that process's ``batch_size / world`` images of each batch.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int = 0, start_batch: int = 0,
-                 num_workers: int = 0, pin_memory: bool = False, shuffle: bool = True) -> None:
+                 num_workers: int = 0, pin_memory: bool = False, shuffle: bool = True,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if len(dataset) == 0:
             raise UserError("the dataset is empty; point it at a folder, zip or built-in name with images")
         if batch_size < 1:
             raise UserError(f"bad batch size {batch_size}; pass a positive number")
         if start_batch < 0 or num_workers < 0:
             raise UserError("start_batch and num_workers must not be negative")
+        if batch_size % shard[1] or not 0 <= shard[0] < shard[1]:
+            raise UserError(f"a batch of {batch_size} does not split into {shard[1]} equal shares; "
+                            f"use a batch size divisible by {shard[1]}")
+        self.shard = shard
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -136,7 +156,8 @@ class InfiniteBatches:
         self._loader: torch.utils.data.DataLoader | None = None
 
     def _make_loader(self) -> torch.utils.data.DataLoader:
-        sampler = _BatchSampler(len(self.dataset), self.batch_size, self.seed, self.start_batch, self.shuffle)
+        sampler = _BatchSampler(len(self.dataset), self.batch_size, self.seed, self.start_batch,
+                                self.shuffle, self.shard)
         workers = self.num_workers > 0
         return torch.utils.data.DataLoader(
             _BatchFetcher(self.dataset), batch_size=None, sampler=sampler, num_workers=self.num_workers,
@@ -145,8 +166,9 @@ class InfiniteBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0 and getattr(self.dataset, "in_memory", False):
-            for indices in batch_index_stream(len(self.dataset), self.batch_size, self.seed,
-                                              self.start_batch, self.shuffle):
+            stream = batch_index_stream(len(self.dataset), self.batch_size, self.seed,
+                                        self.start_batch, self.shuffle)
+            for indices in shard_stream(stream, *self.shard):
                 images, labels = self.dataset.get_batch(indices)
                 if self.pin_memory and images.device.type == "cpu":  # not for data kept on a GPU
                     images, labels = images.pin_memory(), labels.pin_memory()
