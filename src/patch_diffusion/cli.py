@@ -11,6 +11,7 @@ import click
 
 from .config import (PRESETS, RECIPES, TrainConfig, apply_model_options, apply_recipe, get_preset,
                      replace, to_json, with_data)
+from .distributed import environment_rank
 from .errors import UserError
 from .networks import BACKBONES
 from .precond import PRECONDS
@@ -92,7 +93,7 @@ def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
                      patch_P_mean_shift=o["patch_noise_shift"]),
         patch_lr_scale=o["patch_lr_scale"], compile=o["compile"], channels_last=o["channels_last"],
         sampler=replace(config.sampler, num_steps=o["steps"], name=o["sampler"]),
-        batch_size=o["batch"], duration_kimg=o["duration"], max_minutes=o["minutes"], lr=o["lr"],
+        batch_size=o["batch"], batch_gpu=o["batch_gpu"], duration_kimg=o["duration"], max_minutes=o["minutes"], lr=o["lr"],
         lr_warmup_kimg=o["warmup"], ema_halflife_kimg=o["ema"], seed=o["seed"], device=o["device"],
         precision=o["precision"], checkpoint_kimg=o["checkpoint_every"],
         sample_kimg=o["sample_every"], keep_checkpoints=o["keep"],
@@ -104,23 +105,28 @@ class _Main(click.Group):
     """Turns user mistakes into one line and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        rank = environment_rank()  # under torchrun, one process speaks for the job
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            click.secho(f"error: {exc}", err=True, fg="red")
+            if exc.rank == rank or (exc.rank is None and rank == 0):
+                click.secho(f"error: {exc}", err=True, fg="red")
             sys.exit(2)
         except click.UsageError as exc:  # a bad option value, e.g. an unknown --backbone name
             where = f"'{exc.ctx.command_path} --help'" if exc.ctx else "--help"
             click.secho(f"error: {exc.format_message()} (see {where})", err=True, fg="red")
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted; checkpoints written so far are intact (resume with --resume latest)", err=True)
+            if rank == 0:
+                click.echo("interrupted; checkpoints written so far are intact (resume with --resume latest)",
+                           err=True)
             sys.exit(130)
         except Exception as exc:
             from .train import Interrupted  # SIGTERM/SIGINT during training, checkpoint saved
             if not isinstance(exc, Interrupted):
                 raise
-            click.echo(str(exc), err=True)
+            if rank == 0:
+                click.echo(str(exc), err=True)
             sys.exit(exc.exit_code)
 
 
@@ -157,7 +163,8 @@ def main() -> None:
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for the convolutions (default: on CPU only).")
 @click.option("--duration", type=float, help="Training length in kimg (thousands of images seen).")
 @click.option("--minutes", type=float, help="Stop after this many minutes of training steps in this call (checkpointed; --resume latest continues for as long again).")
-@click.option("--batch", type=int, help="Base batch size (an R/d patch step uses d times as many images).")
+@click.option("--batch", type=int, help="Base batch size (an R/d patch step uses d times as many images); under torchrun the global batch, split over the processes.")
+@click.option("--batch-gpu", type=click.IntRange(min=1), help="Images per device per pass; the rest of each process's share is gradient accumulation (--batch = batch-gpu x rounds x processes).")
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--warmup", type=float, help="Learning-rate warm-up length in kimg.")
 @click.option("--ema", type=float, help="EMA half-life in kimg.")

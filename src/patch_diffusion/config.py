@@ -157,6 +157,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     batch_size: int = 64  # base batch; a step on R/d crops takes d times as many images
+    # Images per device per forward pass (None: all of its share); the rest is gradient
+    # accumulation: batch_size = batch_gpu x rounds x processes, as in EDM.
+    batch_gpu: int | None = None
     duration_kimg: float = 1000.0  # training length in thousands of images seen
     max_minutes: float | None = None  # cap on time in training steps (grids, FID excluded)
     lr: float = 2e-4

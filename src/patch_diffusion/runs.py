@@ -66,9 +66,10 @@ class RunLog:
 
     FILES = ("log.txt", "stats.jsonl")
 
-    def __init__(self, run_dir: Path, echo: bool = True) -> None:
+    def __init__(self, run_dir: Path, echo: bool = True, enabled: bool = True) -> None:
         self.run_dir = run_dir
         self.echo = echo
+        self.enabled = enabled  # off in every process of a job but rank 0's
 
     def sizes(self) -> dict[str, int]:
         """Each log file's length in bytes (stored with a checkpoint)."""
@@ -78,7 +79,7 @@ class RunLog:
     def rewind(self, sizes: dict[str, int]) -> None:
         """Cut each log back to the length it had when a checkpoint was saved, so a resumed
         run logs each step once."""
-        for name in self.FILES:
+        for name in self.FILES if self.enabled else ():
             path = self.run_dir / name
             size = sizes.get(name)
             if size is not None and path.exists() and path.stat().st_size > size:
@@ -86,6 +87,8 @@ class RunLog:
                     f.truncate(size)
 
     def info(self, message: str, echo: bool = True) -> None:
+        if not self.enabled:
+            return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
         with open(self.run_dir / "log.txt", "a") as f:
             f.write(line + "\n")
@@ -93,6 +96,8 @@ class RunLog:
             tqdm.write(message)
 
     def stats(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -27,7 +27,8 @@ from .checkpoint import (atomic_write_bytes, checkpoint_name, list_checkpoints, 
                          remove_stale_temp_files, save_checkpoint, unprefixed)
 from .config import DataConfig, TrainConfig, read_config, to_dict, to_json
 from .data import ImageDataset, default_num_workers, open_dataset
-from .devices import resolve_device, resolve_precision
+from .devices import resolve_precision
+from .distributed import Distributed, lost_peers, per_process_batch
 from .errors import UserError
 from .evaluate import FIDTracker
 from .generate import sample, save_grid
@@ -184,46 +185,70 @@ def train(
     ``Interrupted``; a loss that is not finite skips its step, and
     ``MAX_NONFINITE_STEPS`` of them in a row stop the run with a ``UserError``.
     """
-    device = resolve_device(config.device)
-    dataset = open_run_data(config.data)
-    notes: list[str] = []
-    config = resolve_config(config, dataset, notes)
-    trainer = Trainer(config, device, backbone)
+    dist = Distributed.from_environment()
+    device = dist.device(config.device)
+    dist.start(device)
+    try:
+        return _train(config, outdir, dist, device, resume_from=resume_from, run_dir=run_dir,
+                      backbone=backbone, stop_after_minutes=stop_after_minutes,
+                      stop_after_kimg=stop_after_kimg, pace_minutes=pace_minutes, progress=progress)
+    finally:
+        dist.stop()
+
+
+def _train(config: TrainConfig, outdir: str | Path, dist: Distributed, device: torch.device, *,
+           resume_from: Path | None, run_dir: Path | None, backbone: torch.nn.Module | None,
+           stop_after_minutes: float | None, stop_after_kimg: float | None,
+           pace_minutes: float | None, progress: bool) -> Path:
+    # Set-up that may fail differently in each process (files, memory) comes first, and
+    # all processes agree on its outcome before the first collective (DDP's weight
+    # broadcast), so a failure stops the job with one message instead of a hang.
+    failure, notes, meta, tensors, fid = None, [], {}, None, None
+    try:
+        dataset = open_run_data(config.data)
+        config = resolve_config(config, dataset, notes)
+        per_process_batch(config.batch_size, dist.world_size, config.batch_gpu)
+        if resume_from is not None:
+            tensors, meta = load_checkpoint(resume_from)
+            check_resume(config, meta, dataset, _backbone_name(config, backbone), resume_from)
+        if config.fid_every_kimg and dist.is_main:
+            if not config.fid_ref:
+                raise UserError("--fid-every needs --fid-ref REF.npz (make one with 'patch-diffusion fid ref')")
+            fid = FIDTracker(config.fid_ref, config.fid_num, device, config.model.resolution)
+    except UserError as exc:
+        failure = exc
+    dist.agree_on_error(failure)
+
+    trainer = Trainer(config, device, backbone, dist)
     state = trainer.state
-    meta: dict[str, Any] = {}
-    if resume_from is not None:
-        tensors, meta = load_checkpoint(resume_from)
-        check_resume(config, meta, dataset, _backbone_name(config, backbone), resume_from)
+    if tensors is not None:
         notes += _restore(trainer, tensors, meta)
         del tensors
     elif backbone is None:
         _load_pretrained(trainer, config)
 
-    fid = None
-    if config.fid_every_kimg:
-        if not config.fid_ref:
-            raise UserError("--fid-every needs --fid-ref REF.npz (make one with 'patch-diffusion fid ref')")
-        fid = FIDTracker(config.fid_ref, config.fid_num, device, config.model.resolution)
-
-    run_dir = Path(run_dir) if run_dir else new_run_dir(Path(outdir), _run_desc(config))
-    log = RunLog(run_dir, echo=progress)
-    if resume_from is not None and Path(resume_from).parent.resolve() == run_dir.resolve():
+    if dist.is_main:
+        run_dir = Path(run_dir) if run_dir else new_run_dir(Path(outdir), _run_desc(config))
+    run_dir = dist.broadcast(run_dir)
+    log = RunLog(run_dir, echo=progress, enabled=dist.is_main)
+    if dist.is_main and resume_from is not None and Path(resume_from).parent.resolve() == run_dir.resolve():
         # Lines logged after that checkpoint describe steps about to be run again.
         log.rewind(meta.get("logs", {}))
         for stale in remove_stale_temp_files(run_dir):
             notes.append(f"removed {stale.name}, left by a write that was interrupted")
-    atomic_write_bytes(run_dir / "config.json", (to_json(config) + "\n").encode())
+    if dist.is_main:
+        atomic_write_bytes(run_dir / "config.json", (to_json(config) + "\n").encode())
     _describe(log, trainer, dataset, resume_from, _backbone_name(config, backbone))
     for note in notes:
         log.info(note)
-    if state.step == 0:
+    if state.step == 0 and dist.is_main:
         reals = dataset.get_batch(torch.arange(min(config.grid_seeds, len(dataset))))[0]
         save_grid(reals, run_dir / "reals.png", scale=_grid_scale(config))
 
     data = data_on_device(dataset, config, device)
     num_workers = config.data.num_workers
     if num_workers is None:  # in-memory data is one tensor index per batch: workers only add IPC
-        num_workers = 0 if data.in_memory else default_num_workers()
+        num_workers = 0 if data.in_memory else default_num_workers(dist.local_world_size)
     trainer.start_data(data, num_workers)
     img_per_step = trainer.img_per_step
     every = {name: max(1, round(kimg * 1000 / img_per_step)) for name, kimg in
@@ -237,6 +262,7 @@ def train(
     pause_step = (steps_for_duration(stop_after_kimg, config.batch_size, trainer.schedule.expected_multiplier)
                   if stop_after_kimg is not None else None)
     window = {"loss": 0.0, "steps": 0, "images": 0, "busy": 0.0}
+    progress = progress and dist.is_main
     if limit:  # a time budget: the bar counts training seconds, not a step total it may never reach
         bar = time_bar(limit, state.train_seconds, progress)
     else:
@@ -249,8 +275,12 @@ def train(
             step_start = time.monotonic()
             divisor = trainer.draw_divisor(pace)
             batch = trainer.patches(*trainer.load(divisor), divisor)
-            loss = trainer.optimise(batch)
+            with lost_peers(dist, only_collectives=True):  # DDP exchanges gradients in backward
+                loss = trainer.optimise(batch)
             step_seconds = time.monotonic() - step_start
+            if dist.enabled:  # one clock and one stop decision for the whole job
+                step_seconds, signum = dist.max([step_seconds, float(signals.received or 0)])
+                signals.received = signals.received or (int(signum) or None)
             state.train_seconds += step_seconds
             if limit:
                 advance(bar, step_seconds)
@@ -262,7 +292,7 @@ def train(
                 window["busy"] += step_seconds
                 window["loss"] += loss
                 window["steps"] += 1
-                window["images"] += batch.images.shape[0]
+                window["images"] += batch.images.shape[0] * dist.world_size
                 if not limit:
                     bar.update(1)
             spent = _budget_spent(state, config, limit, pause, pause_step, stop_after_kimg)
@@ -270,19 +300,21 @@ def train(
             if signals.received is not None:  # save and leave: a preempted job has seconds, not minutes
                 if window["steps"]:
                     _log_stats(log, bar, window, state, img_per_step, trainer.lr())
-                _save(run_dir, trainer, backbone, log)
+                if dist.is_main:
+                    _save(run_dir, trainer, backbone, log)
                 stop_reason = signals.received
                 break
             if loss is None:
                 continue
             if state.step % every["log"] == 0 or done:
                 _log_stats(log, bar, window, state, img_per_step, trainer.lr())
-            if state.step % every["grid"] == 0 or done:
-                _sample_grid(trainer, run_dir, log)
-            if fid is not None and (state.step % every["fid"] == 0 or done):
-                _fid_point(trainer, fid, log)
-            if state.step % every["ckpt"] == 0 or done:
-                _save(run_dir, trainer, backbone, log)
+            if dist.is_main:  # the other processes wait in the next step's first collective
+                if state.step % every["grid"] == 0 or done:
+                    _sample_grid(trainer, run_dir, log)
+                if fid is not None and (state.step % every["fid"] == 0 or done):
+                    _fid_point(trainer, fid, log)
+                if state.step % every["ckpt"] == 0 or done:
+                    _save(run_dir, trainer, backbone, log)
             if spent is not None:
                 log.info(f"stopping: {spent} at step {state.step} "
                          f"({state.step * img_per_step / 1000:.1f} kimg); {_resume_hint(run_dir)}")
@@ -434,6 +466,11 @@ def _describe(log: RunLog, trainer: Trainer, dataset: ImageDataset, resume_from:
                          for d, p in zip(schedule.divisors, schedule.probs))
              + f", expected batch multiplier {schedule.expected_multiplier:.2f}; "
              f"{trainer.total_steps} steps for {config.duration_kimg:g} kimg")
+    dist = trainer.dist
+    if dist.enabled or trainer.rounds > 1:
+        log.info(f"batch {config.batch_size} = {trainer.local_batch // trainer.rounds} per pass x "
+                 f"{trainer.rounds} accumulation rounds x {dist.world_size} processes"
+                 + (f" ({torch.distributed.get_backend()})" if torch.distributed.is_initialized() else ""))
 
 
 def _sample_grid(trainer: Trainer, run_dir: Path, log: RunLog) -> None:
@@ -462,6 +499,7 @@ def _save(run_dir: Path, trainer: Trainer, backbone: torch.nn.Module | None, log
             "skipped_steps": state.skipped_steps,
             "kimg": state.step * trainer.img_per_step / 1000, "optimizer": opt_info,
             "backbone": _backbone_name(config, backbone), "device": trainer.device.type,
+            "world_size": trainer.dist.world_size,
             "data": {"images": trainer.data_size}, "logs": log.sizes()}
     path = run_dir / checkpoint_name(state.step)
     try:
@@ -496,6 +534,8 @@ def _restore(trainer: Trainer, tensors: dict[str, torch.Tensor], meta: dict) -> 
                         "changing the model options") from None
     optimizer_from_tensors(trainer.optimizer, unprefixed("optim", tensors), meta["optimizer"])
     notes = _restore_rng(trainer, tensors, meta)
+    if trainer.dist.rank:  # the checkpoint holds rank 0's dropout stream; the others derive theirs
+        torch.manual_seed(trainer.dist.rank_seed(trainer.config.seed, int(meta["step"])))
     state = trainer.state
     state.step = int(meta["step"])
     state.data_batches = int(meta["data_batches"])
