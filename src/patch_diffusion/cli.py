@@ -223,6 +223,33 @@ def train(**o: Any) -> None:
 
 
 @main.command()
+@click.option("--data", required=True, help="Image folder, zip of images, or a built-in name.")
+@click.option("--vae", required=True, help="A diffusers AutoencoderKL: a local folder (config.json + .safetensors, as save_pretrained writes) or a Hugging Face hub id when online.")
+@click.option("--vae-subfolder", help="The VAE's subfolder inside a whole pipeline (e.g. vae).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder for the latents (train with --data OUT).")
+@click.option("--resolution", help="Canvas size, 256 or HxW; default: the data's own size.")
+@click.option("--fit", type=click.Choice(["none", "resize", "center-crop", "pad"]), default="none", show_default=True, help="How images are brought to --resolution.")
+@click.option("--max-images", type=int, help="Encode only N images, drawn at random with --subset-seed.")
+@click.option("--subset-seed", default="0", show_default=True, help="Seed of the --max-images subset, or 'first'.")
+@click.option("--xflip/--no-xflip", default=False, show_default=True, help="Also encode each mirrored image, as one more item (latents are never flipped in training).")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="Images per VAE pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def encode(data: str, vae: str, vae_subfolder: str | None, out: str, resolution: str | None, fit: str,
+           max_images: int | None, subset_seed: str, xflip: bool, batch: int, device: str) -> None:
+    """Encode a data set once with a VAE, for latent-space training (train --data OUT)."""
+    from .latents import encode_dataset
+
+    header = encode_dataset(data, vae, out, subfolder=vae_subfolder, resolution=_resolution(resolution),
+                            fit=fit, max_images=max_images, subset_seed=_subset_seed(subset_seed, 0),
+                            xflip=xflip, batch_size=batch, device=device)
+    c, h, w = header["shape"]
+    size = sum((Path(out) / shard["file"]).stat().st_size for shard in header["shards"])
+    click.echo(f"wrote {header['images']} latents of {c}x{h}x{w} ({size / 1e6:.1f} MB; mean and std per "
+               f"image{', mirrored images included' if xflip else ''}) to {out}; "
+               f"train with: patch-diffusion train --data {out}")
+
+
+@main.command()
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A checkpoint-*.safetensors file.")
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
 @click.option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-63 or 1,5,9; one image each.")
@@ -353,8 +380,10 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
     from .devices import resolve_device
     from .evaluate import (check_compatible, check_training_images, features_and_images,
                            memorization_scores, sample_batches, score)
+    from .config import output_resolution
     from .generate import load_denoiser, parse_seeds
     from .guidance import check_request
+    from .latents import image_decoder
     from .metrics import compute_features, dataset_batches, load_inception, load_reference
 
     if (images is None) == (checkpoint is None):
@@ -366,19 +395,24 @@ def fid_calc(images: str | None, checkpoint: str | None, ref: str, num: int | No
     if checkpoint:
         seed_list = parse_seeds(seeds) if seeds else list(range(num or 10000))
         denoiser, run_config = load_denoiser(checkpoint, dev)
-        size = run_config.model.resolution
+        size = output_resolution(run_config)  # the decoded images' for a latent run
         check_compatible(reference, size, ref)
         check_request(denoiser.label_dim, weight=guidance)
+        if run_config.vae is not None and memorization == run_config.data.path:
+            raise UserError("--memorization compares pixels: pass the images the latents were encoded "
+                            "from, not the latents folder")
         settings = replace(run_config.sampler, num_steps=steps, name=sampler, guidance=guidance)
-        generated = sample_batches(denoiser, size, seed_list, settings, batch_size=batch, device=dev,
-                                   precision=run_config.precision)
+        generated = sample_batches(denoiser, run_config.model.resolution, seed_list, settings,
+                                   batch_size=batch, device=dev, precision=run_config.precision,
+                                   decode=image_decoder(run_config.vae, dev))
         total, source = len(seed_list), checkpoint
+        channels = run_config.vae.image_channels if run_config.vae else denoiser.image_channels
         # Training images as the run saw them: its canvas, fit and channels.
-        train_view = dict(resolution=size, fit=run_config.data.fit, channels=denoiser.image_channels)
+        train_view = dict(resolution=size, fit=run_config.data.fit, channels=channels)
         if memorization == run_config.data.path and memorization_num is None:
             # the run's own data: exactly the images it trained on (its --max-images subset)
             train_view.update(max_images=run_config.data.max_images, subset_seed=run_config.data.subset_seed)
-        shape = (denoiser.image_channels, *size)
+        shape = (channels, *size)
     else:
         dataset = open_dataset(images, resolution=_resolution(resolution), fit=fit)
         check_compatible(reference, dataset.resolution, ref)

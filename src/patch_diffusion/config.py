@@ -43,6 +43,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class VAEConfig:
+    """The autoencoder of a latent-space run (from the latents' header): what decodes the
+    model's samples to pixels, and how its latents were normalised for training."""
+
+    path: str = ""  # local diffusers AutoencoderKL folder, or a Hugging Face hub id
+    subfolder: str | None = None  # e.g. "vae" inside a whole pipeline's repository
+    latent_mean: tuple[float, ...] = ()  # per channel, over the encoded data set
+    latent_std: tuple[float, ...] = ()
+    data_std: float = 0.5  # latents are scaled to this standard deviation (EDM2: sigma_data)
+    image_resolution: tuple[int, int] = (0, 0)  # (H, W) of the decoded images
+    image_channels: int = 3
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The denoiser: a registered backbone inside a registered preconditioning.
 
@@ -182,6 +196,7 @@ class TrainConfig:
     fid_every_kimg: float | None = None  # periodic FID during training (needs fid_ref)
     fid_ref: str | None = None  # reference statistics (.npz from 'patch-diffusion fid ref')
     fid_num: int = 1000  # generated images per periodic FID
+    vae: VAEConfig | None = None  # set when the data are latents ('patch-diffusion encode')
     version: int = CONFIG_VERSION  # of this config's layout (older layouts are migrated)
 
 
@@ -293,6 +308,11 @@ def apply_recipe(config: TrainConfig, name: str) -> TrainConfig:
     if name not in RECIPES:
         raise UserError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
     return RECIPES[name](config)
+
+
+def output_resolution(config: TrainConfig) -> tuple[int, int]:
+    """(H, W) of the images a run generates: the decoded size for latents."""
+    return tuple(config.vae.image_resolution) if config.vae else tuple(config.model.resolution)
 
 
 def with_data(config: TrainConfig, path: str | None) -> TrainConfig:

@@ -9,7 +9,7 @@ every evaluation reuses them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,12 @@ def model_features(
     net: InceptionV3,
     progress: bool = True,
     precision: str = "fp32",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Generate one image per seed with ``denoiser`` (in the run's ``precision``) and
-    return their Inception features."""
+    """Generate one image per seed with ``denoiser`` (in the run's ``precision``; through
+    ``decode`` for latents) and return their Inception features."""
     batches = sample_batches(denoiser, resolution, seeds, sampler, batch_size=batch_size, device=device,
-                             progress=progress, precision=precision)
+                             progress=progress, precision=precision, decode=decode)
     return compute_features(batches, net, device, total=len(seeds), progress=progress)
 
 
@@ -99,12 +100,14 @@ def sample_batches(
     device: torch.device,
     progress: bool = True,
     precision: str = "fp32",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """One generated image per seed, as uint8 ``[B, C, H, W]`` batches in seed order."""
+    """One generated image per seed, as uint8 ``[B, C, H, W]`` batches in seed order;
+    ``resolution`` is the model's (the latents' for a latent run, decoded by ``decode``)."""
     for start in tqdm(range(0, len(seeds), batch_size), desc="generating", unit="batch",
                       disable=not progress, leave=False):
         yield sample(denoiser, seeds[start:start + batch_size], sampler, resolution, device,
-                     precision=precision)
+                     precision=precision, decode=decode)
 
 
 def features_and_images(
@@ -217,11 +220,16 @@ class FIDTracker:
         self.inception_path = inception
         self._net: InceptionV3 | None = None
 
-    def __call__(self, denoiser: Precond, sampler: SamplerConfig, precision: str = "fp32") -> float:
+    def __call__(self, denoiser: Precond, sampler: SamplerConfig, precision: str = "fp32",
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 model_resolution: tuple[int, int] | None = None) -> float:
+        """FID of ``num`` samples; a latent run passes its ``decode`` and the latents'
+        ``model_resolution`` (``resolution`` is always the images')."""
         if self._net is None:
             self._net = load_inception(self.inception_path, self.device)
-        feats = model_features(denoiser, self.resolution, list(range(self.num)), sampler,
-                               device=self.device, net=self._net, progress=False, precision=precision)
+        feats = model_features(denoiser, model_resolution or self.resolution, list(range(self.num)), sampler,
+                               device=self.device, net=self._net, progress=False, precision=precision,
+                               decode=decode)
         return score(feats, self.ref)["fid"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -20,10 +21,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, unprefixed
-from .config import SamplerConfig, TrainConfig, read_config, replace, to_dict
+from .config import SamplerConfig, TrainConfig, output_resolution, read_config, replace, to_dict
 from .devices import autocast, memory_format, resolve_device, to_device
 from .errors import UserError
 from .guidance import check_request, guided, seed_labels
+from .latents import image_decoder
 from .model import build_denoiser
 from .precond import Precond
 from .samplers import SeededNoise, count_calls, get_sampler, karras_sigmas
@@ -100,6 +102,7 @@ def sample(
     class_label: int | None = None,
     counter: list[int] | None = None,
     precision: str = "fp32",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generate one image per seed as uint8 [N, C, H, W] with the configured sampler.
 
@@ -108,6 +111,7 @@ def sample(
     ``counter`` (a one-element list) accumulates the network evaluations used.
     ``precision`` is the run's (auto, fp32, bf16): as in EDM, a network trained in
     reduced precision also samples in it; the sampler's own state stays float64.
+    ``decode`` turns the samples into images in [-1, 1] (a latent run's VAE decoder).
     """
     noise = SeededNoise(seeds, device)
     latents = noise.randn((net.image_channels, *resolution))
@@ -120,7 +124,7 @@ def sample(
                                       randn_like=noise.randn_like, **sampler_options(sampler))
     if counter is not None:
         counter[0] += denoise.calls
-    return to_uint8(x)
+    return to_uint8(decode(x) if decode is not None else x)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +261,7 @@ def generate_to_folder(
     """
     dev = resolve_device(device)
     net, config = load_denoiser(checkpoint, dev)
+    decode = image_decoder(config.vae, dev)  # latents: through the run's VAE
     sampler = replace(config.sampler, **(sampler_changes or {}))  # unset (None) options keep the run's
     check_sampler_changes(sampler.name, sampler_changes or {})  # before any file is written
     check_request(net.label_dim, class_label, sampler.guidance)
@@ -264,7 +269,8 @@ def generate_to_folder(
     outdir.mkdir(parents=True, exist_ok=True)
     _check_settings(outdir, {"checkpoint": str(Path(checkpoint).resolve()), "sampler": to_dict(sampler),
                              "class_label": class_label}, overwrite)
-    shape = (net.image_channels, *config.model.resolution)
+    resolution = output_resolution(config)
+    shape = (config.vae.image_channels if config.vae else net.image_channels, *resolution)
     paths = [outdir / f"seed{seed:06d}.png" for seed in seeds]
     shown = min(len(seeds), GRID_MAX) if grid else 0
     first: dict[int, torch.Tensor] = {}  # position in seeds -> image, for the grid
@@ -279,7 +285,8 @@ def generate_to_folder(
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         images = sample(net, [seeds[k] for k in batch], sampler, config.model.resolution, dev,
-                        class_label=class_label, counter=counter, precision=config.precision)
+                        class_label=class_label, counter=counter, precision=config.precision,
+                        decode=decode)
         for k, image in zip(batch, images):
             atomic_write_bytes(paths[k], encode_png(image))
             if k < shown:
@@ -287,7 +294,7 @@ def generate_to_folder(
     grid_path = None
     if shown:
         grid_path = save_grid(torch.stack([first[k] for k in range(shown)]), outdir / "grid.png",
-                              scale=max(1, 64 // max(config.model.resolution)))
+                              scale=max(1, 64 // max(resolution)))
     # Every batch makes the same number of network calls, each over the whole batch.
     nfe = counter[0] // len(batches) if batches else get_sampler(sampler.name).nfe(sampler.num_steps)
     return Generated(paths, grid_path, len(todo), len(seeds) - len(todo), nfe)

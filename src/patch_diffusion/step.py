@@ -31,6 +31,7 @@ from .devices import autocast, memory_format, to_device
 from .distributed import Distributed, per_process_batch, shard_rows
 from .errors import UserError
 from .generate import from_uint8
+from .latents import draw_latents
 from .loss import denoising_loss, draw_noise
 from .model import build_denoiser, wrap_backbone
 from .patches import PatchBatch, PatchSchedule, make_patches, steps_for_duration
@@ -117,6 +118,10 @@ class Trainer:
             images, labels = next_images(self.loader, divisor, self.state, self.config.patch.batch_images)
         except UserError as exc:  # this process's files: it alone names the problem
             raise self.dist.local_user_error(exc) from None
+        if self.config.vae is not None:  # stored (mean, std): a fresh latent draw each time
+            total = images.shape[0] * self.dist.world_size
+            return draw_latents(to_device(images, self.device), self.config.vae, self.noise_gen,
+                                self.rows(divisor), total), labels
         # Host-side draws travel through pinned memory: no per-step wait for the GPU.
         return from_uint8(images, self.device), labels
 

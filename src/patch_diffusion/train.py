@@ -10,6 +10,7 @@ data position, so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -25,13 +26,14 @@ from tqdm.auto import tqdm
 from .checkpoint import (atomic_write_bytes, checkpoint_name, list_checkpoints, load_checkpoint,
                          optimizer_from_tensors, optimizer_to_tensors, prefixed, prune_checkpoints,
                          remove_stale_temp_files, save_checkpoint, unprefixed)
-from .config import DataConfig, TrainConfig, read_config, to_dict, to_json
+from .config import DataConfig, TrainConfig, output_resolution, read_config, to_dict, to_json
 from .data import ImageDataset, default_num_workers, open_dataset
 from .devices import resolve_precision
 from .distributed import Distributed, lost_peers, per_process_batch
 from .errors import UserError
 from .evaluate import FIDTracker
-from .generate import sample, save_grid
+from .generate import sample, save_grid, to_uint8
+from .latents import LatentDecoder, image_decoder, normalise
 from .networks import get_backbone
 from .patches import PatchSchedule, default_patch_sizes, steps_for_duration
 from .runs import RunLog, new_run_dir
@@ -60,7 +62,13 @@ def resolve_config(config: TrainConfig, dataset: ImageDataset, notes: list[str] 
     label_dim = dataset.num_classes if config.data.cond else 0
     model = replace(config.model, resolution=tuple(dataset.resolution),
                     channels=dataset.channels, label_dim=label_dim)
-    config = replace(config, model=model)
+    config = dataclasses.replace(config, model=model, vae=getattr(dataset, "vae", None))
+    if config.vae is not None and config.data.xflip:
+        # A mirrored latent is not the latent of the mirrored image.
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, xflip=False))
+        if notes is not None:
+            notes.append("flips: latents are never flipped; 'encode --xflip' stores each mirrored "
+                         "image as one more item instead")
     multiple = get_backbone(model.backbone).size_multiple(model.backbone_config)
     height, width = model.resolution
     if height % multiple or width % multiple:
@@ -203,7 +211,7 @@ def _train(config: TrainConfig, outdir: str | Path, dist: Distributed, device: t
     # Set-up that may fail differently in each process (files, memory) comes first, and
     # all processes agree on its outcome before the first collective (DDP's weight
     # broadcast), so a failure stops the job with one message instead of a hang.
-    failure, notes, meta, tensors, fid = None, [], {}, None, None
+    failure, notes, meta, tensors, fid, decode = None, [], {}, None, None, None
     try:
         dataset = open_run_data(config.data)
         config = resolve_config(config, dataset, notes)
@@ -214,7 +222,9 @@ def _train(config: TrainConfig, outdir: str | Path, dist: Distributed, device: t
         if config.fid_every_kimg and dist.is_main:
             if not config.fid_ref:
                 raise UserError("--fid-every needs --fid-ref REF.npz (make one with 'patch-diffusion fid ref')")
-            fid = FIDTracker(config.fid_ref, config.fid_num, device, config.model.resolution)
+            fid = FIDTracker(config.fid_ref, config.fid_num, device, output_resolution(config))
+        if dist.is_main:  # grids and FID of a latent run are decoded to pixels
+            decode = image_decoder(config.vae, device)
     except UserError as exc:
         failure = exc
     dist.agree_on_error(failure)
@@ -243,6 +253,9 @@ def _train(config: TrainConfig, outdir: str | Path, dist: Distributed, device: t
         log.info(note)
     if state.step == 0 and dist.is_main:
         reals = dataset.get_batch(torch.arange(min(config.grid_seeds, len(dataset))))[0]
+        if decode is not None:  # latents: the VAE's view of the data (each image's mean latent)
+            means = reals.to(device).float().chunk(2, dim=1)[0]
+            reals = to_uint8(decode(normalise(means, config.vae)))
         save_grid(reals, run_dir / "reals.png", scale=_grid_scale(config))
 
     data = data_on_device(dataset, config, device)
@@ -310,9 +323,9 @@ def _train(config: TrainConfig, outdir: str | Path, dist: Distributed, device: t
                 _log_stats(log, bar, window, state, img_per_step, trainer.lr())
             if dist.is_main:  # the other processes wait in the next step's first collective
                 if state.step % every["grid"] == 0 or done:
-                    _sample_grid(trainer, run_dir, log)
+                    _sample_grid(trainer, run_dir, log, decode)
                 if fid is not None and (state.step % every["fid"] == 0 or done):
-                    _fid_point(trainer, fid, log)
+                    _fid_point(trainer, fid, log, decode)
                 if state.step % every["ckpt"] == 0 or done:
                     _save(run_dir, trainer, backbone, log)
             if spent is not None:
@@ -461,6 +474,10 @@ def _describe(log: RunLog, trainer: Trainer, dataset: ImageDataset, resume_from:
              f"({resolve_precision(config.precision, trainer.device)}, "
              f"{'channels-last' if trainer.memory_format == torch.channels_last else 'NCHW'}); "
              f"network: {backbone} in {model.precond} preconditioning, {n_params / 1e6:.2f}M parameters")
+    if config.vae is not None:
+        h, w = config.vae.image_resolution
+        log.info(f"latent space: {h}x{w} images through the VAE {config.vae.path}, latents normalised to "
+                 f"std {config.vae.data_std:g}; grids, FID and generate decode them")
     log.info(f"schedule: {config.patch.schedule}, patches "
              + ", ".join(f"{'x'.join(map(str, schedule.patch_shape(d)))} p={p:.2f}"
                          for d, p in zip(schedule.divisors, schedule.probs))
@@ -473,17 +490,18 @@ def _describe(log: RunLog, trainer: Trainer, dataset: ImageDataset, resume_from:
                  + (f" ({torch.distributed.get_backend()})" if torch.distributed.is_initialized() else ""))
 
 
-def _sample_grid(trainer: Trainer, run_dir: Path, log: RunLog) -> None:
+def _sample_grid(trainer: Trainer, run_dir: Path, log: RunLog, decode: LatentDecoder | None) -> None:
     config = trainer.config
     grid = sample(trainer.ema, list(range(config.grid_seeds)), config.sampler,
-                  config.model.resolution, trainer.device, precision=config.precision)
+                  config.model.resolution, trainer.device, precision=config.precision, decode=decode)
     path = save_grid(grid, run_dir / f"samples-{trainer.state.step:08d}.png", scale=_grid_scale(config))
     log.info(f"samples: {path}")
 
 
-def _fid_point(trainer: Trainer, fid: FIDTracker, log: RunLog) -> None:
+def _fid_point(trainer: Trainer, fid: FIDTracker, log: RunLog, decode: LatentDecoder | None) -> None:
     config, step = trainer.config, trainer.state.step
-    value = fid(trainer.ema, config.sampler, config.precision)
+    value = fid(trainer.ema, config.sampler, config.precision, decode=decode,
+                model_resolution=config.model.resolution)
     kimg = step * trainer.img_per_step / 1000
     log.stats({"step": step, "kimg": round(kimg, 4), "fid": round(value, 4), "fid_num": config.fid_num})
     log.info(f"FID ({config.fid_num} images) at {kimg:.1f} kimg: {value:.2f}")
@@ -596,4 +614,4 @@ def _run_desc(config: TrainConfig) -> str:
 
 
 def _grid_scale(config: TrainConfig) -> int:
-    return max(1, 64 // max(config.model.resolution))
+    return max(1, 64 // max(output_resolution(config)))

@@ -443,7 +443,7 @@ def _load_emoji(cache_dir: Path) -> np.ndarray:
     return arr
 
 
-def _subset(n: int, max_images: int | None, subset_seed: int | None) -> np.ndarray:
+def subset_indices(n: int, max_images: int | None, subset_seed: int | None) -> np.ndarray:
     """Sorted indices of the images to keep: all, the first ``max_images``, or (with a
     seed) ``max_images`` distinct ones drawn at random, sorted so decoding order is stable."""
     if max_images is None or max_images >= n:
@@ -514,7 +514,7 @@ def _open_files(path: Path, resolution: tuple[int, int] | None, fit: str, channe
         raise UserError(f"no images found in '{path}': put PNG/JPEG/WebP files there "
                         "or pass a zip or a built-in name like fashion-mnist")
     labels, num_classes = _labels_for(names, meta, str(path))  # from all names, so class ids are stable
-    keep = _subset(len(names), max_images, subset_seed)  # chosen before any decoding
+    keep = subset_indices(len(names), max_images, subset_seed)  # chosen before any decoding
     names, labels = [names[i] for i in keep], [labels[i] for i in keep]
     source = _FileSource(path, names, prefix)
     # Read only headers up front: PIL decodes pixel data lazily.
@@ -569,6 +569,12 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
         raise UserError(f"bad subset_seed {subset_seed!r}; pass a non-negative integer or leave it unset")
 
     path = Path(spec).expanduser()
+    if (path / "latents.json").is_file():  # written by 'patch-diffusion encode'
+        from patch_diffusion.data.latents import open_latents
+        if channels is not None:
+            raise UserError(f"'{spec}' holds latents, whose channels are the VAE's; drop the channel option")
+        return open_latents(path, resolution=resolution, fit=fit, max_images=max_images,
+                            subset_seed=subset_seed)
     if path.is_dir() or (path.is_file() and zipfile.is_zipfile(path)):
         return _open_files(path, resolution, fit, channels, max_images, subset_seed)
     if path.exists():
@@ -579,7 +585,7 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
         raise UserError("emoji has no test split; use 'emoji' (all images) and --max-images for a smaller set")
     if base == "emoji" and split in ("", "train"):
         arr = _load_emoji(cache)
-        keep = _subset(len(arr), max_images, subset_seed)
+        keep = subset_indices(len(arr), max_images, subset_seed)
         images = torch.from_numpy(arr[keep])  # fancy indexing copies, so the tensor owns its memory
         return _built_in("emoji", images, torch.full((len(images),), -1, dtype=torch.int64), 0,
                          resolution, fit, channels)
@@ -588,7 +594,7 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
                         "(add :train for the train split explicitly)")
     split = split or "train"
     arr, labels = _load_idx(base, split, cache)
-    keep = _subset(len(arr), max_images, subset_seed)
+    keep = subset_indices(len(arr), max_images, subset_seed)
     images = torch.from_numpy(arr[keep]).unsqueeze(1)  # fancy indexing copies the read-only buffer
     return _built_in(f"{base}:{split}", images, torch.from_numpy(labels[keep].astype(np.int64)), 10,
                      resolution, fit, channels)
