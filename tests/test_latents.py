@@ -159,3 +159,23 @@ def test_bad_vae_and_latents_are_one_clear_line(vae_dir, images, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     one_error_line(run("train", "--data", latents, *common), "cannot read latent shard")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_resuming_on_latents_of_another_vae_is_refused(vae_dir, images, tmp_path):
+    latents = tmp_path / "lat"
+    assert run("encode", "--data", images, "--vae", vae_dir, "--out", latents, "--device", "cpu").exit_code == 0
+    out = tmp_path / "runs"
+    common = ["--outdir", out, "--preset", "tiny", "--device", "cpu", "--workers", "0", "--steps", "2"]
+    assert run("train", "--data", latents, "--duration", "0.02", *common).exit_code == 0
+    # the same folder, encoded again by another VAE (other weights, other statistics)
+    torch.manual_seed(1)
+    other = diffusers.AutoencoderKL.from_pretrained(vae_dir)
+    for p in other.parameters():
+        p.data.normal_(0, 0.05)
+    other.save_pretrained(tmp_path / "vae2", safe_serialization=True)
+    import shutil
+    shutil.rmtree(latents)
+    assert run("encode", "--data", images, "--vae", tmp_path / "vae2", "--out", latents,
+               "--device", "cpu").exit_code == 0
+    one_error_line(run("train", "--data", latents, "--duration", "0.04", "--resume", "latest", *common),
+                   "other latents")

@@ -143,7 +143,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", help="Image folder, zip of images, or a built-in name: fashion-mnist, fashion-mnist:test, mnist, ...")
+@click.option("--data", help="Image folder, zip of images, a built-in name (fashion-mnist, fashion-mnist:test, mnist, emoji, ...), tar shards 'dir/{000..099}.tar', a Hugging Face dataset saved to disk (FOLDER or FOLDER:SPLIT), or latents from 'encode'.")
 @click.option("--outdir", default="runs", show_default=True, type=click.Path(file_okay=False), help="Where numbered run folders go.")
 @click.option("--preset", default="fmnist-32", show_default=True, help=f"Named starting config: {', '.join(PRESETS)}.")
 @click.option("--resolution", help="Canvas size, 32 or HxW; default: the data's own size.")

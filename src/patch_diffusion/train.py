@@ -280,7 +280,7 @@ def _train(config: TrainConfig, outdir: str | Path, dist: Distributed, device: t
         bar = time_bar(limit, state.train_seconds, progress)
     else:
         bar = tqdm(total=trainer.total_steps, initial=state.step, desc="training", unit="step",
-                   disable=not progress, dynamic_ncols=True)
+                   disable=not progress, dynamic_ncols=True, mininterval=bar_interval())
     stop_reason = None
     nonfinite = 0
     with StopSignals() as signals:
@@ -378,7 +378,7 @@ _FIXED_ON_RESUME = {  # what the data position, the weights or the random stream
     "data.fit": "--fit", "data.channels": "the channel count", "data.max_images": "--max-images",
     "data.subset_seed": "--subset-seed",
     "data.cond": "--cond", "model": "the network options", "patch": "the patch schedule options",
-    "loss": "the loss options",
+    "loss": "the loss options", "vae": "latents (another VAE or another encoding)",
 }
 
 
@@ -426,8 +426,15 @@ def _shown(value: Any) -> str:
 def time_bar(seconds: float, done: float = 0.0, progress: bool = True, desc: str = "training") -> tqdm:
     """A progress bar over a training-time budget; update it with each step's seconds."""
     return tqdm(total=seconds, initial=done, desc=desc, disable=not progress, dynamic_ncols=True,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training "
+                mininterval=bar_interval(), bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training "
                 "[{elapsed}<{remaining}{postfix}]")
+
+
+def bar_interval() -> float:
+    """Seconds between progress-bar redraws: live on a terminal; once a minute when the
+    output goes to a file (a cluster job's log), which would otherwise grow by megabytes
+    an hour."""
+    return 0.1 if sys.stderr.isatty() else 60.0
 
 
 def advance(bar: tqdm, seconds: float) -> None:
@@ -459,7 +466,7 @@ def _log_stats(log: RunLog, bar: tqdm, window: dict, state: TrainState, img_per_
         "sec_per_step": round(elapsed / max(window["steps"], 1), 5),
     }
     log.stats(stats)
-    bar.set_postfix(step=state.step, loss=f"{stats['loss']:.4f}", kimg=f"{stats['kimg']:.1f}")
+    bar.set_postfix(step=state.step, loss=f"{stats['loss']:.4f}", kimg=f"{stats['kimg']:.1f}", refresh=False)
     window.update(loss=0.0, steps=0, images=0, busy=0.0)
 
 

@@ -550,7 +550,8 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
                  channels: int | None = None, cache_dir: str | os.PathLike | None = None,
                  max_images: int | None = None, subset_seed: int | None = None) -> ImageDataset:
     """Opens a folder, a .zip, or a built-in name (fashion-mnist[:train|:test], mnist[:train|:test],
-    emoji). ``max_images`` keeps the first N images in sorted order, or with ``subset_seed`` N
+    emoji); tar shards ('shards/{000..099}.tar'), a Hugging Face dataset saved to disk
+    ('folder' or 'folder:split') or a latents folder ('patch-diffusion encode'). ``max_images`` keeps the first N images in sorted order, or with ``subset_seed`` N
     distinct images drawn at random with that seed (kept in sorted order)."""
     if fit not in FITS:
         raise UserError(f"unknown --fit '{fit}'; use one of {', '.join(FITS)}")
@@ -569,6 +570,16 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
         raise UserError(f"bad subset_seed {subset_seed!r}; pass a non-negative integer or leave it unset")
 
     path = Path(spec).expanduser()
+    from patch_diffusion.data import shards  # data sets larger than memory
+    lazy = dict(resolution=resolution, fit=fit, channels=channels, max_images=max_images,
+                subset_seed=subset_seed)
+    if shards.is_tar_spec(spec) and not path.is_dir():
+        return shards.open_tar_shards(spec, **lazy)
+    folder, _, split = spec.rpartition(":")
+    if folder and not path.exists() and shards.is_saved_hf_dataset(Path(folder).expanduser()):
+        return shards.open_hf_dataset(Path(folder).expanduser(), split, **lazy)
+    if shards.is_saved_hf_dataset(path):
+        return shards.open_hf_dataset(path, None, **lazy)
     if (path / "latents.json").is_file():  # written by 'patch-diffusion encode'
         from patch_diffusion.data.latents import open_latents
         if channels is not None:
