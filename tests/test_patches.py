@@ -164,3 +164,18 @@ def test_real_p_end_only_for_the_stochastic_schedule():
         PatchSchedule(PatchConfig(schedule="progressive", real_p_end=0.2), (32, 32))
     with pytest.raises(UserError, match="real-p-end"):
         PatchSchedule(PatchConfig(real_p_end=1.2), (32, 32))
+
+
+def test_patch_until_ends_patch_steps_and_averages_the_multiplier():
+    sched = PatchSchedule(PatchConfig(patch_until=0.5), (32, 32))
+    assert sched.probs_at(0.2) == pytest.approx((0.2, 0.3, 0.5))  # the paper's, before
+    assert sched.probs_at(0.5) == (0.0, 0.0, 1.0) and sched.probs_at(0.9) == (0.0, 0.0, 1.0)
+    # half the run at E[d] = 1.9, half at 1
+    assert sched.expected_multiplier == pytest.approx(0.5 * 1.9 + 0.5 * 1.0)
+    g = torch.Generator().manual_seed(0)
+    assert {sched.draw(0.7, g) for _ in range(200)} == {1}
+    assert len({sched.draw(0.1, g) for _ in range(200)}) == 3
+    with pytest.raises(UserError, match="patch-until"):
+        PatchSchedule(PatchConfig(patch_until=0.0), (32, 32))
+    with pytest.raises(UserError, match="patch-until"):
+        PatchSchedule(PatchConfig(schedule="progressive", patch_until=0.5), (32, 32))

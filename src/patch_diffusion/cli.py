@@ -86,7 +86,8 @@ def apply_train_options(config: TrainConfig, o: dict[str, Any]) -> TrainConfig:
     patch = replace(config.patch, schedule=o["schedule"], real_p=o["real_p"],
                     patch_sizes=_ints(o["patch_sizes"], "--patch-sizes"),
                     probs=_floats(o["patch_probs"], "--patch-probs"),
-                    real_p_end=o["real_p_end"], batch_images=o["batch_images"])
+                    real_p_end=o["real_p_end"], patch_until=o["patch_until"],
+                    batch_images=o["batch_images"])
     return replace(
         config, data=data, patch=patch,
         loss=replace(config.loss, reduction=o["loss_reduction"],
@@ -156,6 +157,7 @@ def main() -> None:
 @click.option("--patch-probs", help="Share of the non-full steps per patch size (default 2:3 for two sizes).")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), help="Named patch recipe laid over the preset (the options below still override it).")
 @click.option("--real-p-end", type=float, help="Stochastic schedule: p moves linearly from --real-p to this over training.")
+@click.option("--patch-until", type=float, help="Stochastic schedule: patch steps only in this first fraction of training (e.g. 0.5), full images after.")
 @click.option("--batch-images", type=click.Choice(["distinct", "repeat"]), help="An R/d step uses d x batch distinct images (paper) or d crops of each of batch images.")
 @click.option("--patch-noise-shift", type=float, help="Lower P_mean by this per halving of the patch side (0 = paper).")
 @click.option("--patch-lr-scale", type=float, help="Learning-rate multiplier for steps on patches (1 = paper).")
@@ -464,7 +466,7 @@ def bench() -> None:
 @click.option("--points", default=3, show_default=True, type=click.IntRange(min=1), help="FID evaluations per arm, evenly spaced in training time (in images with --kimg).")
 @click.option("--kimg", type=click.FloatRange(min=0, min_open=True), help="Train every arm on this many thousand images instead of for --minutes (the paper's fixed-budget table).")
 @click.option("--fid-num", default=1000, show_default=True, type=click.IntRange(min=2), help="Generated images per FID.")
-@click.option("--arms", help="Comma-separated arms: full, patch, progressive, diffusers, and the variants paper, repeat, noise-shift, p-ramp, patch-lr, full-scale-shift ('' for none). Default: full,patch,progressive,diffusers (without diffusers with --kimg).")
+@click.option("--arms", help="Comma-separated arms: full, patch, progressive, diffusers, and the variants paper, repeat, noise-shift, p-ramp, p-rise, early, half, patch-lr, full-scale-shift ('' for none). Default: full,patch,progressive,diffusers (without diffusers with --kimg).")
 @click.option("--p", "p_values", help="Extra stochastic arms, one per full-image ratio, e.g. 0.25,0.75.")
 @click.option("--subset", type=click.IntRange(min=1), help="Train on N images only (the small-data claim), drawn at random with --subset-seed.")
 @click.option("--subset-seed", help="Seed of the --subset draw (default 0), or 'first' for the first N files by name.")

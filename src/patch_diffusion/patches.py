@@ -46,6 +46,7 @@ class PatchConfig:
     probs: tuple[float, ...] = ()
     # Beyond the paper (None / "distinct" reproduce it exactly):
     real_p_end: float | None = None  # stochastic: p moves linearly from real_p to this over training
+    patch_until: float | None = None  # stochastic: patch steps only in this first fraction of training
     batch_images: Literal["distinct", "repeat"] = "distinct"  # R/d steps: d*B images, or d crops of B
 
 
@@ -66,6 +67,10 @@ class PatchSchedule:
         if config.real_p_end is not None and config.schedule != "stochastic":
             raise UserError("--real-p-end changes p over training for the stochastic schedule "
                             "only; drop it or use --schedule stochastic")
+        if config.patch_until is not None and (config.schedule != "stochastic"
+                                               or not 0.0 < config.patch_until <= 1.0):
+            raise UserError(f"--patch-until takes a fraction of training in (0, 1] with the stochastic "
+                            f"schedule, got {config.patch_until:g} with {config.schedule}; e.g. 0.5")
         if config.batch_images not in ("distinct", "repeat"):
             raise UserError(f"unknown batch-images mode '{config.batch_images}'; use distinct or repeat")
         self.config = config
@@ -99,6 +104,9 @@ class PatchSchedule:
         ``real_p_end`` makes p move linearly over training."""
         if not self._shares:
             return (1.0,)
+        until = self.config.patch_until
+        if until is not None and progress >= until:  # full images only from here on
+            return tuple(0.0 for _ in self._shares) + (1.0,)
         start, end = self.real_p_range
         p = start + (end - start) * min(max(progress, 0.0), 1.0)
         return tuple((1.0 - p) * s for s in self._shares) + (p,)
@@ -118,7 +126,9 @@ class PatchSchedule:
         """
         if self.config.schedule == "progressive":
             return 1.0 / sum(p / d for d, p in zip(self.divisors, self.probs))
-        return sum(d * p for d, p in zip(self.divisors, self.probs_at(0.5)))
+        until = self.config.patch_until if self._shares and self.config.patch_until else 1.0
+        patched = sum(d * p for d, p in zip(self.divisors, self.probs_at(until / 2)))
+        return until * patched + (1.0 - until)  # full images (d = 1) after patch_until
 
     def draw(self, progress: float, generator: torch.Generator) -> int:
         """The divisor for one optimisation step.

@@ -68,6 +68,9 @@ ARMS: dict[str, Callable[[TrainConfig], TrainConfig] | None] = {
     "noise-shift": _patch_arm(loss_patch_P_mean_shift=1.0),  # lower noise for smaller patches
     "p-ramp": _patch_arm(real_p=1.0, real_p_end=0.25),  # full images first, patches later
     "patch-lr": _patch_arm(patch_lr_scale=2.0),  # larger steps on the larger patch batches
+    "p-rise": _patch_arm(real_p=0.5, real_p_end=1.0),  # p rising to 1: patches fade out
+    "early": _patch_arm(patch_until=0.5),  # patch steps in the first half only, then full images
+    "half": None,  # R/2 patches only (the reference's latent setting): needs the canvas, see arm_configs
     # Full images on version 0.1's DDPM++ (scale-shift conditioning, zero-initialised
     # branch ends) against EDM's exact DDPM++ of the "full" arm:
     "full-scale-shift": lambda c: _scale_shift(dataclasses.replace(c, patch=PatchConfig(schedule="full"))),
@@ -106,14 +109,19 @@ class BenchConfig:
     device: str = "auto"
 
 
-def arm_configs(bench: BenchConfig, base: TrainConfig) -> dict[str, TrainConfig | None]:
+def arm_configs(bench: BenchConfig, base: TrainConfig,
+                height: int | None = None) -> dict[str, TrainConfig | None]:
     """The arms to run, by name (None for diffusers): the named ones, then one stochastic
-    arm per p value."""
+    arm per p value. ``height`` is the canvas's, for the arms whose patch sizes need it."""
     unknown = [a for a in bench.arms if a not in ARMS]
     if unknown:
         raise UserError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)} "
                         "(and --p for more full-image ratios)")
     arms = {name: (ARMS[name](base) if ARMS[name] else None) for name in bench.arms}
+    if "half" in arms:
+        if not height or height % 2:
+            raise UserError("the half arm needs an even canvas height (R/2 patches)")
+        arms["half"] = _patch_arm(patch_sizes=(height // 2,))(base)
     for p in bench.p_values:
         arms[f"patch-p{p:g}"] = dataclasses.replace(base, patch=PatchConfig(schedule="stochastic", real_p=p))
     if not arms:
@@ -151,7 +159,9 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
                    batch_size=bench.batch, precision=bench.precision, compile=bench.compile)
     if bench.kimg is not None:  # the paper's comparison: the same nominal images for every arm
         base = dataclasses.replace(base, duration_kimg=bench.kimg, max_minutes=None)  # None is a value here
-    arms = arm_configs(bench, base)  # bad options fail before anything is read or written
+    resolution = open_dataset(base.data.path, resolution=base.data.resolution, fit=base.data.fit,
+                              max_images=1).resolution
+    arms = arm_configs(bench, base, resolution[0])  # bad options fail before anything is written
     out = Path(out)
     results_path = out / "results.json"
     if results_path.exists() and not resume:
@@ -165,8 +175,6 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     results = {"arms": {}, **results, "bench": _jsonable(bench)}
     device = resolve_device(bench.device)
 
-    resolution = open_dataset(base.data.path, resolution=base.data.resolution, fit=base.data.fit,
-                              max_images=1).resolution
     ref_name = reference_data(bench)
     ref_num = bench.ref_num or len(open_dataset(ref_name))
     inception = load_inception(None, device)
