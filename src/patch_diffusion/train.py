@@ -491,7 +491,7 @@ def _describe(log: RunLog, trainer: Trainer, dataset: ImageDataset, resume_from:
              + f", expected batch multiplier {schedule.expected_multiplier:.2f}; "
              f"{trainer.total_steps} steps for {config.duration_kimg:g} kimg")
     dist = trainer.dist
-    if dist.enabled or trainer.rounds > 1:
+    if dist.enabled or trainer.rounds > 1 or torch.distributed.is_initialized():
         log.info(f"batch {config.batch_size} = {trainer.local_batch // trainer.rounds} per pass x "
                  f"{trainer.rounds} accumulation rounds x {dist.world_size} processes"
                  + (f" ({torch.distributed.get_backend()})" if torch.distributed.is_initialized() else ""))
