@@ -146,6 +146,33 @@ def test_gradient_accumulation_trains_as_the_whole_batch_at_once(tmp_path):
         torch.testing.assert_close(results[1][0][key], value, atol=2e-5, rtol=1e-4, msg=key)
 
 
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    from patch_diffusion.distributed import Distributed
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert Distributed.from_environment() == Distributed()  # no torchrun: one process
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    dist = Distributed.from_environment()
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.local_world_size) == (3, 4, 1, 2)
+    assert dist.device("cpu") == torch.device("cpu")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dist.device("auto") == dist.device("cuda") == torch.device("cuda", 1) == chosen[-1]
+    with pytest.raises(UserError, match="use --device cuda") as error:
+        dist.device("cuda:0")
+    assert error.value.rank is None  # every process meets it: rank 0 says it once
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="lower --nproc_per_node") as error:
+        dist.device("cuda")
+    assert error.value.rank == 3  # this process's own problem: it says it
+
+
 # --- torchrun end to end ------------------------------------------------------------------
 
 def test_two_processes_train_as_one(tmp_path):

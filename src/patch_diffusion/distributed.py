@@ -81,16 +81,20 @@ class Distributed:
     def device(self, name: str) -> torch.device:
         """The device this process trains on: each process of a CUDA job takes the GPU
         numbered by its local rank (torchrun's convention)."""
-        if self.world_size == 1 and not launched_by_torchrun():
-            return resolve_device(name)
         device = resolve_device(name)
+        if not launched_by_torchrun():
+            return device
         if device.type == "cuda":
-            if name not in ("auto", "cuda") and self.world_size > 1:
-                raise UserError(f"under torchrun each process takes the GPU cuda:LOCAL_RANK; "
-                                f"use --device cuda (or auto) instead of '{name}'")
+            if device.index is not None:  # an explicit cuda:N
+                if self.world_size > 1:
+                    raise UserError(f"under torchrun each process takes the GPU cuda:LOCAL_RANK; "
+                                    f"use --device cuda (or auto) instead of '{name}'")
+                torch.cuda.set_device(device)
+                return device
             if self.local_rank >= torch.cuda.device_count():
-                raise UserError(f"process {self.rank} has local rank {self.local_rank} but this machine "
-                                f"has {torch.cuda.device_count()} GPUs; lower --nproc_per_node")
+                raise UserError(f"process {self.rank} has local rank {self.local_rank} but its machine "
+                                f"has {torch.cuda.device_count()} GPUs; lower --nproc_per_node",
+                                rank=self.rank)
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         elif device.type == "mps" and self.world_size > 1:
@@ -185,7 +189,8 @@ def lost_peers(dist: Distributed, only_collectives: bool = False) -> Iterator[No
     try:
         yield
     except (RuntimeError, tdist.DistError) as exc:  # gloo raises RuntimeError, NCCL DistError
-        if isinstance(exc, torch.OutOfMemoryError) or (only_collectives and not _from_backend(exc)):
+        if (not dist.enabled or isinstance(exc, torch.OutOfMemoryError)
+                or (only_collectives and not _from_backend(exc))):
             raise
         raise LostPeer(f"process {dist.rank} of {dist.world_size} lost contact with the others "
                        f"({_first_sentence(exc)}); the first error of the job names the cause",

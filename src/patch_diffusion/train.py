@@ -277,7 +277,8 @@ def _train(config: TrainConfig, outdir: str | Path, dist: Distributed, device: t
     window = {"loss": 0.0, "steps": 0, "images": 0, "busy": 0.0}
     progress = progress and dist.is_main
     if limit:  # a time budget: the bar counts training seconds, not a step total it may never reach
-        bar = time_bar(limit, state.train_seconds, progress)
+        # A pause before this call's budget ends (the time-to-FID points) ends the bar there.
+        bar = time_bar(min(limit, pause) if pause else limit, state.train_seconds, progress)
     else:
         bar = tqdm(total=trainer.total_steps, initial=state.step, desc="training", unit="step",
                    disable=not progress, dynamic_ncols=True, mininterval=bar_interval())
