@@ -98,7 +98,7 @@ def test_dry_run_prints_resolved_options(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads(result.output)
     assert config["patch"] == {"schedule": "progressive", "real_p": 0.25, "patch_sizes": [4, 8], "probs": [],
-                               "real_p_end": None, "batch_images": "distinct"}
+                               "real_p_end": None, "patch_until": None, "batch_images": "distinct"}
     assert config["lr"] == 0.002 and config["preset"] == "tiny"
 
 
