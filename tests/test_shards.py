@@ -112,6 +112,7 @@ def one_error_line(result, expected):
     ("missing", "does not exist"),
     ("no-images", "holds no images"),
     ("bad-label", "whole-number class label"),
+    ("negative-label", "negative class label"),
 ])
 def test_bad_shards_are_one_clear_line(case, expected, tmp_path):
     folder = tmp_path / "s"
@@ -129,7 +130,7 @@ def test_bad_shards_are_one_clear_line(case, expected, tmp_path):
                 add(tar, "a.txt", b"hello")
             else:
                 add(tar, "x.png", png_bytes(np.zeros((16, 16, 3), np.uint8)))
-                add(tar, "x.cls", b"cat")
+                add(tar, "x.cls", b"cat" if case == "bad-label" else b"-2")
     out = tmp_path / "runs"
     one_error_line(run("train", "--data", folder / "shard-{0..1}.tar", "--outdir", out, "--preset", "tiny",
                        "--device", "cpu", "--duration", "0.01"), expected)

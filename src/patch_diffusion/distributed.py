@@ -211,6 +211,12 @@ def _from_backend(exc: BaseException) -> bool:
         word in text for word in ("gloo", "nccl", "connection", "broken pipe", "timed out", "peer"))
 
 
+def keep_rows(drawn: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``drawn`` (made for the job's whole batch) that this process holds;
+    all of them when ``rows`` is None (one process)."""
+    return drawn if rows is None else drawn[rows.to(drawn.device)]
+
+
 def per_process_batch(batch_size: int, world_size: int, batch_gpu: int | None) -> tuple[int, int]:
     """(images per process per loader batch, accumulation rounds) for a global base batch.
 

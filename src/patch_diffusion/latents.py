@@ -27,6 +27,7 @@ from .config import VAEConfig
 from .data import open_dataset
 from .data.latents import FORMAT, HEADER, VERSION
 from .devices import resolve_device
+from .distributed import keep_rows
 from .errors import UserError
 
 
@@ -165,9 +166,7 @@ def draw_latents(stats: torch.Tensor, vae: VAEConfig, generator: torch.Generator
     batch of ``total`` (several processes): eps is drawn for all and these rows kept."""
     mean, std = stats.float().chunk(2, dim=1)
     eps = torch.randn((total or len(mean), *mean.shape[1:]), device=mean.device, generator=generator)
-    if rows is not None:
-        eps = eps[rows.to(mean.device)]
-    return normalise(mean + std * eps, vae)
+    return normalise(mean + std * keep_rows(eps, rows), vae)
 
 
 def normalise(z: torch.Tensor, vae: VAEConfig) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from .devices import to_device
+from .distributed import keep_rows
 from .errors import UserError
 
 ScheduleKind = Literal["stochastic", "progressive", "full"]
@@ -254,11 +255,8 @@ def make_patches(
     each image gets the crop it would get in one process."""
     canvas = (images.shape[2], images.shape[3])
     patch = (canvas[0] // divisor, canvas[1] // divisor)
-    if rows is None:
-        offsets = random_offsets(images.shape[0], patch, canvas, generator, device=images.device)
-    else:
-        drawn = random_offsets(total or images.shape[0], patch, canvas, generator)
-        offsets = to_device(drawn[rows], images.device)
+    drawn = random_offsets(total or images.shape[0], patch, canvas, generator)
+    offsets = to_device(keep_rows(drawn, rows), images.device)
     if divisor == 1:
         crops = images
     else:

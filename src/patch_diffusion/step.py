@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import TrainConfig
 from .data import ImageDataset, InfiniteBatches
 from .devices import autocast, memory_format, to_device
-from .distributed import Distributed, per_process_batch, shard_rows
+from .distributed import Distributed, keep_rows, per_process_batch, shard_rows
 from .errors import UserError
 from .generate import from_uint8
 from .latents import draw_latents
@@ -130,8 +130,7 @@ class Trainer:
         Every draw is made for the job's whole batch; this process keeps its rows."""
         rows, total = self.rows(divisor), images.shape[0] * self.dist.world_size
         if self.config.data.xflip:  # flip the image, keep the coordinates (paper, Sec. 3)
-            flip = torch.rand(total, generator=self.patch_gen) < 0.5
-            flip = to_device(flip if rows is None else flip[rows], self.device)
+            flip = to_device(keep_rows(torch.rand(total, generator=self.patch_gen) < 0.5, rows), self.device)
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
         cond = None
         model = self.config.model
@@ -189,9 +188,7 @@ class Trainer:
         sigma, noise = draw_noise(self.net, (total, *images.shape[1:]), config.loss, self.noise_gen,
                                   batch.divisor, self.device)
         rows = self.rows(batch.divisor)
-        if rows is not None:
-            rows = rows.to(self.device)
-            sigma, noise = sigma[rows], noise[rows]
+        sigma, noise = keep_rows(sigma, rows), keep_rows(noise, rows)
         chunk = images.shape[0] // self.rounds
         loss_sum = torch.zeros((), device=self.device)
         for i in range(self.rounds):
@@ -221,9 +218,7 @@ def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator | Non
     if p <= 0:
         return labels
     keep = torch.rand(total or labels.shape[0], 1, device=labels.device, generator=generator) >= p
-    if rows is not None:
-        keep = keep[rows.to(labels.device)]
-    return labels * keep.to(labels.dtype)
+    return labels * keep_rows(keep, rows).to(labels.dtype)
 
 
 def next_images(loader: Iterator, divisor: int, state: TrainState,

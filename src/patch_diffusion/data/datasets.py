@@ -211,6 +211,11 @@ def _convert_color(img: PIL.Image.Image, channels: int) -> PIL.Image.Image:
     return img
 
 
+def image_channels(img: PIL.Image.Image) -> int:
+    """1 for grayscale modes (with or without alpha), 3 for everything else."""
+    return 1 if img.mode in ("1", "L", "LA", "La", "I", "F") or img.mode.startswith("I;") else 3
+
+
 def _crop_box(w: int, h: int, tw: int, th: int) -> tuple[int, int, int, int]:
     """Largest centered (left, top, right, bottom) box with aspect ratio tw:th."""
     cw, ch = (w, w * th // tw) if w * th <= h * tw else (h * tw // th, h)
@@ -522,7 +527,7 @@ def _open_files(path: Path, resolution: tuple[int, int] | None, fit: str, channe
     for i in range(len(names)):
         with source.open(i) as img:
             if i == 0 and channels is None:
-                channels = 1 if img.mode in ("1", "L", "LA", "La", "I", "F") or img.mode.startswith("I;") else 3
+                channels = image_channels(img)
             sizes.setdefault((img.height, img.width), names[i])
     assert channels is not None
     if resolution is None:
@@ -580,8 +585,8 @@ def open_dataset(spec: str, *, resolution: tuple[int, int] | None = None, fit: s
         return shards.open_hf_dataset(Path(folder).expanduser(), split, **lazy)
     if shards.is_saved_hf_dataset(path):
         return shards.open_hf_dataset(path, None, **lazy)
-    if (path / "latents.json").is_file():  # written by 'patch-diffusion encode'
-        from patch_diffusion.data.latents import open_latents
+    from patch_diffusion.data.latents import is_latent_folder, open_latents
+    if is_latent_folder(path):  # written by 'patch-diffusion encode'
         if channels is not None:
             raise UserError(f"'{spec}' holds latents, whose channels are the VAE's; drop the channel option")
         return open_latents(path, resolution=resolution, fit=fit, max_images=max_images,

@@ -27,7 +27,8 @@ from typing import Any
 import PIL.Image
 import torch
 
-from patch_diffusion.data.datasets import IMAGE_SUFFIXES, ImageDataset, _FileSource, _why, subset_indices
+from patch_diffusion.data.datasets import (IMAGE_SUFFIXES, ImageDataset, _FileSource, _why, image_channels,
+                                           subset_indices)
 from patch_diffusion.errors import UserError
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
@@ -95,7 +96,7 @@ class _TarSource(_FileSource):
 
 
 def _index_tar(path: str, shard: int) -> tuple[list[tuple[int, int, int, str]], list[int]]:
-    """(image entries, labels) of one shard, in member order; label -1 where none."""
+    """(image entries, labels) of one shard, in member order; label None where none."""
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -133,7 +134,7 @@ def _index_tar(path: str, shard: int) -> tuple[list[tuple[int, int, int, str]], 
         sample = samples[key]
         if "image" in sample:
             entries.append(sample["image"])
-            labels.append(sample.get("label", -1))
+            labels.append(sample.get("label"))
     return entries, labels
 
 
@@ -142,7 +143,7 @@ def open_tar_shards(spec: str, *, resolution: tuple[int, int] | None, fit: str, 
     """An ImageDataset over the samples of the shards ``spec`` names (brace patterns)."""
     shards = expand_braces(spec)
     entries: list[tuple[int, int, int, str]] = []
-    labels: list[int] = []
+    labels: list[int | None] = []
     for k, path in enumerate(shards):
         found, found_labels = _index_tar(path, k)
         if not found:
@@ -150,7 +151,7 @@ def open_tar_shards(spec: str, *, resolution: tuple[int, int] | None, fit: str, 
                             "remove it from the pattern or fill it")
         entries += found
         labels += found_labels
-    labelled = [x for x in labels if x >= 0]
+    labelled = [x for x in labels if x is not None]
     if labelled and len(labelled) != len(labels):
         raise UserError(f"some samples of '{spec}' have a .cls label and some do not; label all or none")
     if labelled and min(labelled) < 0:
@@ -158,8 +159,9 @@ def open_tar_shards(spec: str, *, resolution: tuple[int, int] | None, fit: str, 
     num_classes = max(labelled) + 1 if labelled else 0
     keep = subset_indices(len(entries), max_images, subset_seed)
     source = _TarSource(shards, [entries[i] for i in keep])
+    kept_labels = [-1 if labels[i] is None else labels[i] for i in keep]  # -1: unlabelled, as for folders
     return _lazy_dataset(f"{spec} ({len(shards)} tar shards)", source,
-                         torch.tensor([labels[i] for i in keep], dtype=torch.int64), num_classes,
+                         torch.tensor(kept_labels, dtype=torch.int64), num_classes,
                          resolution, fit, channels)
 
 
@@ -243,7 +245,7 @@ def _lazy_dataset(name: str, source: _FileSource, labels: torch.Tensor, num_clas
     names it, unless --fit brings it to size)."""
     with source.open(0) as first:
         if channels is None:
-            channels = 1 if first.mode in ("1", "L", "LA", "La", "I", "F") or first.mode.startswith("I;") else 3
+            channels = image_channels(first)
         if resolution is None:
             resolution = (first.height, first.width)
     return ImageDataset(name=name, labels=labels, num_classes=num_classes, resolution=resolution,
