@@ -66,6 +66,24 @@ def test_time_to_fid_smoke_and_resume(tiny_data, tmp_path, monkeypatch):
     assert missing.exit_code == 2 and "no results.json" in missing.output
     other = run(*args, "--resume", "--seed", "1")
     assert other.exit_code == 2 and "other settings" in other.output
+
+    # a finished time budget grows: more minutes at the same point spacing; only arms whose
+    # schedule does not follow the fraction of training done may be extended
+    def grown_args(minutes, points, arms):
+        changed = {"0.01": minutes, "2": points, "full,noise-shift,diffusers": arms}
+        return [changed.get(a, a) if isinstance(a, str) else a for a in args]
+    spacing = run(*grown_args("0.02", "3", "full"), "--resume")
+    assert spacing.exit_code == 2 and "other settings" in spacing.output
+    paced = run(*grown_args("0.02", "4", "full,progressive"), "--resume")
+    assert paced.exit_code == 2 and "progressive cannot be extended" in paced.output
+    longer = run(*grown_args("0.02", "4", "full"), "--resume")
+    assert longer.exit_code == 0, longer.output
+    extended = json.loads((out / "results.json").read_text())
+    assert extended["bench"]["minutes"] == 0.02 and extended["bench"]["points"] == 4
+    full = extended["arms"]["full"]["points"]
+    assert full[:2] == grown["full"]["points"] and len(full) == 4
+    assert full[2]["steps"] >= full[1]["steps"] and full[3]["minutes"] >= 0.015
+    assert extended["arms"]["progressive"] == grown["progressive"]  # left as it was
     bad = run(*args, "--arms", "nope")
     assert bad.exit_code == 2 and "unknown arm" in bad.output
 
@@ -110,6 +128,9 @@ def test_every_arm_builds_and_changes_one_thing():
     ss = arms["full-scale-shift"]
     assert ss.patch == arms["full"].patch and ss.model.backbone_config.adaptive_scale
     assert not arms["full"].model.backbone_config.adaptive_scale
+    # the arms whose schedule follows the fraction of training done (so cannot be extended)
+    assert sorted(n for n, c in arms.items() if c is not None and c.patch.paced) == [
+        "early", "p-ramp", "p-rise", "progressive"]
 
 
 def test_arms_follow_the_chosen_backbone_and_precond():

@@ -481,7 +481,7 @@ def bench() -> None:
 @click.option("--ref-num", type=click.IntRange(min=2), help="Reference images to use (default: all; cached).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue an interrupted benchmark in --out.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted benchmark in --out, add arms to it, or extend it: more --minutes with --points grown alike (e.g. 60 min, 6 points -> 90 min, 9 points).")
 def bench_time_to_fid(data: str, out: str, minutes: float, points: int, kimg: float | None,
                       fid_num: int, arms: str | None,
                       p_values: str | None, subset: int | None, subset_seed: str | None,

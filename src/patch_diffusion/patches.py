@@ -50,6 +50,15 @@ class PatchConfig:
     patch_until: float | None = None  # stochastic: patch steps only in this first fraction of training
     batch_images: Literal["distinct", "repeat"] = "distinct"  # R/d steps: d*B images, or d crops of B
 
+    @property
+    def paced(self) -> bool:
+        """Whether the patch sizes drawn depend on the fraction of training done, so that
+        the run's planned length is part of the schedule."""
+        if self.schedule == "progressive":
+            return True
+        moving = self.real_p_end is not None and self.real_p_end != self.real_p
+        return self.schedule == "stochastic" and (moving or self.patch_until is not None)
+
 
 class PatchSchedule:
     """A resolved schedule for one canvas: the divisors and their probabilities."""

@@ -5,7 +5,8 @@ The clock counts training steps only (``TrainState.train_seconds``), so grids, F
 and checkpoints never eat into an arm's budget. Each arm trains in K segments that
 resume bit-exactly from the previous checkpoint; after each segment the EMA weights
 are scored against cached reference statistics. Results are written after every point,
-so ``resume=True`` continues an interrupted benchmark, or adds arms to a finished one.
+so ``resume=True`` continues an interrupted benchmark, adds arms to a finished one, or
+extends its arms to more minutes (more points at the same spacing).
 
 With ``kimg`` every arm instead trains on the same nominal number of images (the
 paper's Table comparison: final FID and the wall time each schedule needed), with the
@@ -168,9 +169,13 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
         raise UserError(f"'{out}' already holds a benchmark; pass --resume to continue it or "
                         "choose another --out")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if results and _settings(results.get("bench", {})) != _settings(_jsonable(bench)):
-        raise UserError(f"'{out}' holds a benchmark with other settings; resume it with the same "
-                        "options (other --arms/--p may be added) or choose another --out")
+    stored = results.get("bench", {})
+    if results and _settings(stored) != _settings(_jsonable(bench)):
+        if not _extends(stored, bench):
+            raise UserError(f"'{out}' holds a benchmark with other settings; resume it with the same "
+                            "options (other --arms/--p may be added, or --minutes and --points grown "
+                            "together) or choose another --out")
+        _check_extendable(arms, results["arms"], bench)
     # Arms run earlier stay in the results; this call's arms are added or continued.
     results = {"arms": {}, **results, "bench": _jsonable(bench)}
     device = resolve_device(bench.device)
@@ -315,6 +320,30 @@ def _settings(bench: dict[str, Any]) -> dict[str, Any]:
     # Results written before subset_seed existed took the first N images.
     bench = {**_jsonable(BenchConfig()), "subset_seed": None, **bench}
     return {k: v for k, v in bench.items() if k not in ("arms", "p_values")}
+
+
+def _extends(stored: dict[str, Any], bench: BenchConfig) -> bool:
+    """Whether ``bench`` continues the stored time budget: more minutes, with the FID
+    points at the same times (minutes / points unchanged), all else equal."""
+    mine, theirs = _settings(_jsonable(bench)), _settings(stored)
+    if {k: v for k, v in mine.items() if k not in ("minutes", "points")} != \
+            {k: v for k, v in theirs.items() if k not in ("minutes", "points")}:
+        return False
+    if bench.kimg is not None or bench.minutes <= theirs["minutes"]:
+        return False
+    return math.isclose(bench.minutes / bench.points, theirs["minutes"] / theirs["points"], rel_tol=1e-9)
+
+
+def _check_extendable(arms: dict[str, TrainConfig | None], records: dict[str, Any],
+                      bench: BenchConfig) -> None:
+    """An arm whose patch schedule follows the fraction of training done would change
+    course mid-run if its budget grew: refuse to extend it (new arms start fresh)."""
+    paced = [name for name, config in arms.items() if records.get(name, {}).get("points")
+             and (config is None or config.patch.paced)]
+    if paced:
+        raise UserError(f"arm(s) {', '.join(paced)} cannot be extended to {bench.minutes:g} minutes: "
+                        "their schedule (or the diffusers arm's clock) was planned for the first "
+                        "budget; leave them out of --arms, or run them in a new --out")
 
 
 def _jsonable(bench: BenchConfig) -> dict[str, Any]:
