@@ -128,8 +128,13 @@ def plot(cells: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     n = len(cells) + 1
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.9), dpi=100, squeeze=False)
-    for ax, (name, cell) in zip(axes[0], cells.items()):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.9 * rows), dpi=100, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax, (name, cell) in zip(axes, cells.items()):
         for arm, points in cell["arms"].items():
             ax.plot([p["minutes"] for p in points], [p["fid"] for p in points], marker="o", label=arm)
         ax.set_title(name, fontsize="medium")
@@ -139,7 +144,7 @@ def plot(cells: dict[str, dict], path: Path) -> None:
         plain_log_ticks(ax.yaxis)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    ax = axes[0][-1]
+    ax = axes[n - 1]
     for name, cell in cells.items():
         full = cell["arms"]["full"]
         for arm, points in cell["arms"].items():

@@ -97,7 +97,8 @@ def plain_log_ticks(axis: Any) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    # Dense enough that a narrow FID range (80-125) still shows two labels or more.
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)))
     axis.set_major_formatter(plain)
     axis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
 
