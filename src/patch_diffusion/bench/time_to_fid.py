@@ -314,21 +314,22 @@ def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torc
             "fid": round(score(features, ref)["fid"], 4)}
 
 
-def _settings(bench: dict[str, Any]) -> dict[str, Any]:
-    """What must match for arms to be comparable: everything but the choice of arms
-    (settings a results file predates take their defaults)."""
+def _settings(bench: dict[str, Any], *, budget: bool = True) -> dict[str, Any]:
+    """What must match for arms to be comparable: everything but the choice of arms,
+    and without ``budget`` also but the minutes and points (settings a results file
+    predates take their defaults)."""
     # Results written before subset_seed existed took the first N images.
     bench = {**_jsonable(BenchConfig()), "subset_seed": None, **bench}
-    return {k: v for k, v in bench.items() if k not in ("arms", "p_values")}
+    ignored = ("arms", "p_values") if budget else ("arms", "p_values", "minutes", "points")
+    return {k: v for k, v in bench.items() if k not in ignored}
 
 
 def _extends(stored: dict[str, Any], bench: BenchConfig) -> bool:
     """Whether ``bench`` continues the stored time budget: more minutes, with the FID
     points at the same times (minutes / points unchanged), all else equal."""
-    mine, theirs = _settings(_jsonable(bench)), _settings(stored)
-    if {k: v for k, v in mine.items() if k not in ("minutes", "points")} != \
-            {k: v for k, v in theirs.items() if k not in ("minutes", "points")}:
+    if _settings(_jsonable(bench), budget=False) != _settings(stored, budget=False):
         return False
+    theirs = _settings(stored)
     if bench.kimg is not None or bench.minutes <= theirs["minutes"]:
         return False
     return math.isclose(bench.minutes / bench.points, theirs["minutes"] / theirs["points"], rel_tol=1e-9)
