@@ -40,8 +40,12 @@ def test_time_to_fid_smoke_and_resume(tiny_data, tmp_path, monkeypatch):
         assert len(minutes) == 2 and 0.005 <= minutes[0] <= minutes[1]
         assert record["points"][0]["steps"] <= record["points"][1]["steps"]
         assert all(p["fid"] > 0 and p["steps"] > 0 for p in record["points"])
+        # minutes mean something only with the machine that timed them
+        assert record["machine"] == results["machine"]
+        assert record["machine"]["device"] == "cpu" and record["machine"]["precision"] in ("fp32", "bf16")
     report = (out / "report.md").read_text()
     assert "| full |" in report and "| patch-p0.25 |" in report and "relative to the full arm" in report
+    assert f"Timed on {results['machine']['name']}" in report
     assert (out / "fid_vs_time.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "samples-full.png").exists() and (out / "samples-diffusers.png").exists()
 
@@ -76,8 +80,15 @@ def test_time_to_fid_smoke_and_resume(tiny_data, tmp_path, monkeypatch):
     assert spacing.exit_code == 2 and "other settings" in spacing.output
     paced = run(*grown_args("0.02", "4", "full,progressive"), "--resume")
     assert paced.exit_code == 2 and "progressive cannot be extended" in paced.output
+    # an arm resumed on another machine goes on, with a warning that its minutes mix two machines
+    stored = json.loads((out / "results.json").read_text())
+    stored["arms"]["full"]["machine"] = {**stored["arms"]["full"]["machine"], "name": "Another CPU"}
+    (out / "results.json").write_text(json.dumps(stored))
     longer = run(*grown_args("0.02", "4", "full"), "--resume")
     assert longer.exit_code == 0, longer.output
+    assert "warning: arm full was timed on Another CPU" in longer.output
+    assert json.loads((out / "results.json").read_text())["arms"]["full"]["machine"]["name"] == "Another CPU"
+    assert "Arms full timed on Another CPU" in (out / "report.md").read_text()
     extended = json.loads((out / "results.json").read_text())
     assert extended["bench"]["minutes"] == 0.02 and extended["bench"]["points"] == 4
     full = extended["arms"]["full"]["points"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from patch_diffusion.devices import resolve_device, to_device
+from patch_diffusion.devices import describe_machine, resolve_device, to_device
 from patch_diffusion.errors import UserError
 
 
@@ -22,3 +22,12 @@ def test_to_device_keeps_values_and_skips_needless_copies():
     if torch.cuda.is_available():
         moved = to_device(t, "cuda")
         assert moved.device.type == "cuda" and torch.equal(moved.cpu(), t)
+
+
+def test_machine_description_names_what_a_timing_depends_on():
+    machine = describe_machine(torch.device("cpu"), "fp32")
+    assert machine["device"] == "cpu" and machine["precision"] == "fp32"
+    assert machine["name"] and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["threads"] == torch.get_num_threads() and machine["torch"] == torch.__version__
+    # 'auto' is recorded as what it resolved to
+    assert describe_machine(torch.device("cpu"), "auto")["precision"] in ("fp32", "bf16")

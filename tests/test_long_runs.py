@@ -19,6 +19,7 @@ from torch import nn
 import patch_diffusion as pd
 from patch_diffusion.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from patch_diffusion.config import replace
+from patch_diffusion.train import advance, time_bar
 
 from conftest import write_images
 from test_cli import FAST, only_run_dir, run
@@ -296,3 +297,13 @@ def test_28px_images_get_the_default_patch_sizes_that_fit(tmp_path):
     # a three-level network takes neither 7 nor 14: the error names a canvas that fits
     result = run("train", "--data", data, "--outdir", out, "--channel-mult", "1,2,2", *FAST)
     assert result.exit_code == 2 and "--resolution 32 --fit pad" in result.output
+
+
+def test_time_bar_draws_when_a_slice_starts_past_its_budget():
+    # a resumed slice whose previous step overran its FID point starts beyond its pause;
+    # the bar must still draw (tqdm drops a total it is already past and cannot format it)
+    bar = time_bar(1.0, 3.0)
+    assert "1/1 s of training" in str(bar)
+    advance(bar, 0.5)
+    assert bar.n == bar.total == 1.0
+    bar.close()

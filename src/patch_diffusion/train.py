@@ -425,8 +425,10 @@ def _shown(value: Any) -> str:
 
 
 def time_bar(seconds: float, done: float = 0.0, progress: bool = True, desc: str = "training") -> tqdm:
-    """A progress bar over a training-time budget; update it with each step's seconds."""
-    return tqdm(total=seconds, initial=done, desc=desc, disable=not progress, dynamic_ncols=True,
+    """A progress bar over a training-time budget; update it with each step's seconds.
+    It starts at most full: a resumed slice can begin past its budget (a slow step
+    overran the last point), and tqdm then drops the total and fails to draw."""
+    return tqdm(total=seconds, initial=min(done, seconds), desc=desc, disable=not progress, dynamic_ncols=True,
                 mininterval=bar_interval(), bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of training "
                 "[{elapsed}<{remaining}{postfix}]")
 

@@ -23,6 +23,22 @@ def time_to_reach(points: list[dict[str, Any]], level: float) -> float | None:
     return None
 
 
+def _machines(arms: dict[str, Any]) -> list[str]:
+    """One line per machine that timed arms (recorded since 2026-12-07), naming the arms
+    when there were several: minutes from two machines do not compare."""
+    timed: dict[str, list[str]] = {}
+    for name, record in arms.items():
+        m = record.get("machine")
+        if m:
+            where = f"{m['name']} ({m['cpu_capability']})" if m["device"] == "cpu" else m["name"]
+            timed.setdefault(f"{where}, {m['precision']}, {m['threads']} threads, torch {m['torch']}",
+                             []).append(name)
+    if len(timed) == 1:
+        return [f"Timed on {next(iter(timed))}.", ""]
+    return [f"Arms {', '.join(names)} timed on {where}." for where, names in timed.items()] + (
+        [""] if timed else [])
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
     bench = results["bench"]
@@ -36,6 +52,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"FID of {bench['fid_num']} generated images against {results['ref']['num']} images of "
         f"`{results['ref']['data']}`.",
         "",
+        *_machines(arms),
         "| arm | " + " | ".join(f"point {i + 1}" for i in range(bench["points"])) + " | img/s |",
         "| --- | " + " | ".join("---" for _ in range(bench["points"])) + " | --- |",
     ]

@@ -31,7 +31,7 @@ import torch
 from ..checkpoint import atomic_write_bytes, load_checkpoint
 from ..config import TrainConfig, apply_model_options, apply_recipe, get_preset, replace, with_data
 from ..data import default_cache_dir, has_test_split, open_dataset
-from ..devices import resolve_device
+from ..devices import describe_machine, resolve_device
 from ..errors import UserError
 from ..evaluate import cached_reference, model_features, reference_cache_path, score
 from ..generate import load_denoiser, save_grid
@@ -179,6 +179,8 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
     # Arms run earlier stay in the results; this call's arms are added or continued.
     results = {"arms": {}, **results, "bench": _jsonable(bench)}
     device = resolve_device(bench.device)
+    machine = describe_machine(device, bench.precision)
+    results["machine"] = machine  # of the latest call; each arm keeps the one that timed it
 
     ref_name = reference_data(bench)
     ref_num = bench.ref_num or len(open_dataset(ref_name))
@@ -196,6 +198,8 @@ def run_time_to_fid(bench: BenchConfig, out: Path, *, resume: bool = False,
 
     for name, config in arms.items():
         record = results["arms"].setdefault(name, {"points": []})
+        if len(record["points"]) < bench.points:
+            _note_machine(name, record, machine)
         if config is None:
             _run_diffusers(base, bench, record, results, results_path, out, ref, inception, device,
                            progress)
@@ -312,6 +316,26 @@ def _evaluate(checkpoint: Path, bench: BenchConfig, ref, inception, device: torc
     return {"minutes": round(seconds / 60, 4), "steps": meta["step"], "kimg": round(meta["kimg"], 3),
             "img_per_s": round(meta["kimg"] * 1000 / max(seconds, 1e-9), 2),
             "fid": round(score(features, ref)["fid"], 4)}
+
+
+def _note_machine(name: str, record: dict[str, Any], machine: dict[str, Any]) -> None:
+    """An arm's minutes mean something only on the machine that timed them: record it
+    when the arm starts, and warn when a resumed arm goes on elsewhere."""
+    if not record["points"]:
+        record["machine"] = machine
+        return
+    timed_on = record.get("machine")  # absent in results written before machines were recorded
+    if timed_on is not None and _same_machine(timed_on, machine):
+        return
+    before = f"{timed_on['name']} ({timed_on['precision']})" if timed_on else "an unrecorded machine"
+    print(f"warning: arm {name} was timed on {before} and goes on on {machine['name']} "
+          f"({machine['precision']}), so its minutes mix two machines; to compare arms on this "
+          "machine, run them again with another --out", file=sys.stderr, flush=True)
+
+
+def _same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("device", "name", "cpu_capability", "precision", "threads")
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _settings(bench: dict[str, Any], *, budget: bool = True) -> dict[str, Any]:
