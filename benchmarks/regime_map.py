@@ -33,7 +33,7 @@ _NOT_THE_CELL = ("arms", "p_values", "minutes", "points", "kimg")
 _SIZES = {"fmnist-32": "32x32", "emoji-64": "64x64", "celeba-64": "64x64"}
 
 
-def cell_name(bench: dict) -> str:
+def cell_name(bench: dict, machine: dict | None = None) -> str:
     size = _SIZES.get(bench["preset"], bench["preset"])
     subset = bench.get("subset")
     if subset is None:
@@ -42,8 +42,21 @@ def cell_name(bench: dict) -> str:
         images = f"first {subset} images"
     else:
         images = f"{subset} images"
-    extra = "" if bench.get("precision", "fp32") == "auto" else f", {bench.get('precision', 'fp32')}"
+    if machine:  # recorded since 2026-12-07; the earlier cells all ran on the Xeon of BENCHMARKS.md
+        where = machine["name"] if machine["device"] != "cpu" else f"{machine['name']} ({machine['cpu_capability']})"
+        extra = f", {where}, {machine['precision']}"
+    else:
+        extra = "" if bench.get("precision", "fp32") == "auto" else f", {bench.get('precision', 'fp32')}"
     return f"{size} {bench['data']}, {images}{extra}"
+
+
+def timed_on(results: dict) -> dict | None:
+    """The machine that timed every arm of a results file, or None if not recorded
+    (or if arms were timed on different machines)."""
+    machines = [record.get("machine") for record in results["arms"].values()]
+    if machines and all(m is not None and m == machines[0] for m in machines):
+        return machines[0]
+    return None
 
 
 def load_cells(paths: list[Path]) -> dict[str, dict]:
@@ -56,7 +69,7 @@ def load_cells(paths: list[Path]) -> dict[str, dict]:
         bench = results["bench"]
         if bench.get("kimg"):
             continue  # a fixed image budget is not a time-to-FID cell
-        name = cell_name(bench)
+        name = cell_name(bench, timed_on(results))
         key = {k: v for k, v in bench.items() if k not in _NOT_THE_CELL}
         if name in keys and keys[name] != key:
             raise SystemExit(f"{path}: same cell name as an earlier file but other settings; "
@@ -67,6 +80,8 @@ def load_cells(paths: list[Path]) -> dict[str, dict]:
             points = record["points"]
             if points and len(points) > len(cell["arms"].get(arm, [])):
                 cell["arms"][arm] = points
+        # full first, whatever order the arms ran in, so colours and rows match across cells
+        cell["arms"] = dict(sorted(cell["arms"].items(), key=lambda item: item[0] != "full"))
         memo_path = path.with_name(path.stem + "-memorization.json")
         if memo_path.is_file():
             cell["memo"].update(json.loads(memo_path.read_text()))
