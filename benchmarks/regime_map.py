@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from patch_diffusion.bench.report import plain_log_ticks, time_to_reach  # noqa: E402
+from patch_diffusion.bench.report import machine_label, plain_log_ticks, time_to_reach  # noqa: E402
 
 # What makes two results files one cell: everything but the arms and their budget.
 _NOT_THE_CELL = ("arms", "p_values", "minutes", "points", "kimg")
@@ -43,8 +43,7 @@ def cell_name(bench: dict, machine: dict | None = None) -> str:
     else:
         images = f"{subset} images"
     if machine:  # recorded since 2026-12-07; the earlier cells all ran on the Xeon of BENCHMARKS.md
-        where = machine["name"] if machine["device"] != "cpu" else f"{machine['name']} ({machine['cpu_capability']})"
-        extra = f", {where}, {machine['precision']}"
+        extra = f", {machine_label(machine)}, {machine['precision']}"
     else:
         extra = "" if bench.get("precision", "fp32") == "auto" else f", {bench.get('precision', 'fp32')}"
     return f"{size} {bench['data']}, {images}{extra}"

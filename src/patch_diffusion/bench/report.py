@@ -23,6 +23,13 @@ def time_to_reach(points: list[dict[str, Any]], level: float) -> float | None:
     return None
 
 
+def machine_label(machine: dict[str, Any]) -> str:
+    """A recorded machine in a few words: the GPU, or the CPU with its vector instructions."""
+    if machine["device"] == "cpu":
+        return f"{machine['name']} ({machine['cpu_capability']})"
+    return machine["name"]
+
+
 def _machines(arms: dict[str, Any]) -> list[str]:
     """One line per machine that timed arms (recorded since 2026-12-07), naming the arms
     when there were several: minutes from two machines do not compare."""
@@ -30,8 +37,7 @@ def _machines(arms: dict[str, Any]) -> list[str]:
     for name, record in arms.items():
         m = record.get("machine")
         if m:
-            where = f"{m['name']} ({m['cpu_capability']})" if m["device"] == "cpu" else m["name"]
-            timed.setdefault(f"{where}, {m['precision']}, {m['threads']} threads, torch {m['torch']}",
+            timed.setdefault(f"{machine_label(m)}, {m['precision']}, {m['threads']} threads, torch {m['torch']}",
                              []).append(name)
     if len(timed) == 1:
         return [f"Timed on {next(iter(timed))}.", ""]
