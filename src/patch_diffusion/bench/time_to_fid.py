@@ -328,7 +328,7 @@ def _note_machine(name: str, record: dict[str, Any], machine: dict[str, Any]) ->
     if timed_on is not None and _same_machine(timed_on, machine):
         return
     before = f"{timed_on['name']} ({timed_on['precision']})" if timed_on else "an unrecorded machine"
-    print(f"warning: arm {name} was timed on {before} and goes on on {machine['name']} "
+    print(f"warning: arm {name} was timed on {before} and continues on {machine['name']} "
           f"({machine['precision']}), so its minutes mix two machines; to compare arms on this "
           "machine, run them again with another --out", file=sys.stderr, flush=True)
 
